@@ -1,0 +1,229 @@
+"""Configuration: frozen dataclasses validated on construction, to and from YAML.
+
+Every value ``DESIGN.md`` marks *(chosen)* lives here, never as a literal in model or engine code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dmdd.errors import ConfigError
+
+Branches = Literal["both", "normality", "abnormality"]
+ForegroundPolicy = Literal["auto", "object", "texture"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Networks (DESIGN §1, §4).
+
+    Attributes:
+        backbone: registered backbone name (``wide_resnet50_2`` is the paper's).
+        pretrained: load ImageNet weights (torchvision download or the packaged Lite weights).
+        weights: optional local weights file for the backbone; overrides ``pretrained``.
+        image_size: square input size; a multiple of 32 so the four stages halve exactly.
+        branches: ``both`` (DMDD), or one branch only (Table 4 ablation).
+        pmn_inner: Pyramid Modeling Network inner path.
+        pmn_outer: Pyramid Modeling Network outer path.
+        msn: Multi-perception Segmentation Network; off gives the plain sum of the maps, score = max.
+        pyramid_upsampling: fuse stage maps top-down (NGM) / bottom-up (AIM) before upsampling.
+        multi_perception: channel, spatial and global attention in the segmentation head.
+        seg_channels: width of the channel-compression conv stack.
+        top_k: number of largest map values averaged into the image score (paper: 100).
+        student_bn_frozen: keep the student's BatchNorm statistics at their pretrained values
+            (affine parameters still train). *(chosen)*: keeps student = teacher at initialisation,
+            is robust to small batches and needs no SyncBatchNorm under DDP.
+    """
+
+    backbone: str = "wide_resnet50_2"
+    pretrained: bool = True
+    weights: str | None = None
+    image_size: int = 256
+    branches: Branches = "both"
+    pmn_inner: bool = True
+    pmn_outer: bool = True
+    msn: bool = True
+    pyramid_upsampling: bool = True
+    multi_perception: bool = True
+    seg_channels: int = 16
+    top_k: int = 100
+    student_bn_frozen: bool = True
+
+    def __post_init__(self) -> None:
+        if self.image_size < 32 or self.image_size % 32:
+            raise ConfigError(f"model.image_size must be a positive multiple of 32, got {self.image_size}")
+        if self.branches not in ("both", "normality", "abnormality"):
+            raise ConfigError(f"model.branches must be both|normality|abnormality, got {self.branches!r}")
+        if self.top_k < 1 or self.seg_channels < 1:
+            raise ConfigError("model.top_k and model.seg_channels must be >= 1")
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """Foreground-aware Anomaly Synthesis (DESIGN §2).
+
+    Attributes:
+        texture_dir: folder of texture images (DTD); ``None`` uses procedural textures.
+        fas: restrict anomalies to the foreground; ``False`` is the "-FAS" ablation.
+        foreground: ``auto`` (object when GrabCut covers < ``object_max_coverage``), ``object`` or ``texture``.
+        perlin_max_scale_exp: Perlin scale 2^k with k ~ U{0..this}.
+        perlin_threshold: threshold on the rotated Perlin noise.
+        beta_max: blend opacity β ~ U(0, beta_max).
+        grabcut_iterations: GrabCut iterations.
+        grabcut_size: GrabCut runs on a copy at most this large (speed); the mask is resized back.
+        object_max_coverage: auto policy: foreground coverage under which a category is an object.
+        object_max_coverage_cv: auto policy: largest coefficient of variation of the coverage across images
+            for an object category.
+        min_foreground_coverage: GrabCut results smaller than this fall back to Otsu, then whole image.
+        max_mask_tries: bounded resampling of the Perlin mask when M is empty.
+        foreground_cache_dir: optional disk cache for foreground masks.
+    """
+
+    texture_dir: str | None = None
+    fas: bool = True
+    foreground: ForegroundPolicy = "auto"
+    perlin_max_scale_exp: int = 6
+    perlin_threshold: float = 0.5
+    beta_max: float = 0.8
+    grabcut_iterations: int = 5
+    grabcut_size: int = 128
+    object_max_coverage: float = 0.9
+    object_max_coverage_cv: float = 0.25
+    min_foreground_coverage: float = 0.02
+    max_mask_tries: int = 10
+    foreground_cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.foreground not in ("auto", "object", "texture"):
+            raise ConfigError(f"synthesis.foreground must be auto|object|texture, got {self.foreground!r}")
+        if not 0 <= self.beta_max < 1:
+            raise ConfigError("synthesis.beta_max must be in [0, 1)")
+        if not 0 <= self.perlin_max_scale_exp <= 8:
+            raise ConfigError("synthesis.perlin_max_scale_exp must be in 0..8")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and run control (DESIGN §5).
+
+    Attributes:
+        epochs: number of epochs; each trains the student side, then the segmentation head.
+        batch_size: normal/anomalous pairs per step.
+        lr: Adam learning rate of the new student parts (1x1 convs, PMN) (paper: 0.005).
+        lr_pretrained: learning rate of the pretrained student stages (paper: the same 0.005).
+        betas: Adam betas of the student side (chosen, after RD).
+        seg_lr: Adam learning rate of the segmentation head (chosen).
+        seg_steps: segmentation steps at the end of every epoch (0: one pass over the data).
+        ngm_weight: weight of L_NGM.
+        aim_weight: weight of L_AIM.
+        seed: one seed reproduces a run on CPU.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        amp: bfloat16/float16 autocast on CUDA.
+        num_threads: ``torch.set_num_threads``; ``None`` leaves the default.
+        num_workers: DataLoader workers.
+        holdout_fraction: share of the training images held out to calibrate thresholds.
+        eval_size: size at which pixel metrics are computed.
+    """
+
+    epochs: int = 100
+    batch_size: int = 16
+    lr: float = 0.005
+    lr_pretrained: float = 0.005
+    betas: tuple[float, float] = (0.5, 0.999)
+    seg_lr: float = 1e-3
+    seg_steps: int = 0
+    ngm_weight: float = 1.0
+    aim_weight: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    num_threads: int | None = None
+    num_workers: int = 0
+    holdout_fraction: float = 0.1
+    eval_size: int = 256
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(self.betas))
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("train.epochs and train.batch_size must be >= 1")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ConfigError("train.holdout_fraction must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is.
+
+    Attributes:
+        root: dataset root (with ``category``) or a category folder itself.
+        category: category name under ``root``; ``None`` when ``root`` is the category.
+        layout: ``auto``, ``mvtec``, ``btad``, ``visa``, ``mvtec3d`` or ``folder``.
+    """
+
+    root: str | None = None
+    category: str | None = None
+    layout: str = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The full, resolved configuration of a run; stored in every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["train"]["betas"] = list(self.train.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        sections = {f.name: f.type for f in fields(cls)}
+        unknown = set(raw) - set(sections)
+        if unknown:
+            raise ConfigError(f"unknown config section(s): {sorted(unknown)}; expected {sorted(sections)}")
+        kwargs = {}
+        for name, section_cls in _SECTION_TYPES.items():
+            values = raw.get(name) or {}
+            allowed = {f.name for f in fields(section_cls)}
+            bad = set(values) - allowed
+            if bad:
+                raise ConfigError(f"unknown option(s) in config section {name!r}: {sorted(bad)}")
+            kwargs[name] = section_cls(**values)
+        return cls(**kwargs)
+
+    def replace(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some fields changed, e.g. ``cfg.replace(train={"epochs": 3})``."""
+        new = {}
+        for name, changes in sections.items():
+            new[name] = dataclasses.replace(getattr(self, name), **changes)
+        return dataclasses.replace(self, **new)
+
+
+_SECTION_TYPES = {"model": ModelConfig, "synthesis": SynthesisConfig, "train": TrainConfig, "data": DataConfig}
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a YAML config file; missing options take their defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return Config.from_dict(raw)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,285 @@
+"""Dataset layouts (MVTec AD and friends, BTAD, VisA, MVTec 3D-AD RGB, plain folders) and torch datasets."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dmdd.data.foreground import ForegroundCache, resolve_policy
+from dmdd.data.io import IMAGE_SUFFIXES, image_size_of, list_images, read_image, read_mask
+from dmdd.data.synthesis import AnomalySynthesizer
+from dmdd.errors import DatasetError
+
+GOOD = "good"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a dataset split.
+
+    Attributes:
+        image: image file.
+        mask: ground-truth mask file; ``None`` for good images.
+        label: 0 normal, 1 anomalous.
+        defect_type: ``good`` or the defect folder name.
+    """
+
+    image: Path
+    mask: Path | None
+    label: int
+    defect_type: str
+
+
+@dataclass(frozen=True)
+class Category:
+    """Train and test records of one category."""
+
+    name: str
+    root: Path
+    train: list[Record]
+    test: list[Record]
+
+
+def _find_mask(folder: Path, stem: str, suffixes: tuple[str, ...], image: Path) -> Path:
+    for name in (f"{stem}{s}" for s in suffixes):
+        if (folder / name).is_file():
+            return folder / name
+    raise DatasetError(
+        f"defect image {image} has no mask; expected {folder / (stem + suffixes[0])}: add the mask or move the image"
+    )
+
+
+def _good(folder: Path) -> list[Record]:
+    return [Record(p, None, 0, GOOD) for p in list_images(folder)]
+
+
+def _require_train(records: list[Record], folder: Path) -> list[Record]:
+    if not records:
+        raise DatasetError(f"no training images in {folder}; put the good training images there")
+    return records
+
+
+def load_mvtec(root: Path) -> Category:
+    """MVTec AD layout; also MPDD and ``../shared/data``: ``train/good``, ``test/<type>``,
+    ``ground_truth/<type>/<stem>_mask.png``."""
+    train = _require_train(_good(root / "train" / GOOD), root / "train" / GOOD)
+    test: list[Record] = []
+    for folder in sorted(p for p in (root / "test").iterdir() if p.is_dir()) if (root / "test").is_dir() else []:
+        if folder.name == GOOD:
+            test += _good(folder)
+            continue
+        for img in list_images(folder):
+            mask = _find_mask(root / "ground_truth" / folder.name, f"{img.stem}_mask", (".png", ".bmp", ".tif"), img)
+            test.append(Record(img, mask, 1, folder.name))
+    return Category(root.name, root, train, test)
+
+
+def load_btad(root: Path) -> Category:
+    """BTAD: ``train/ok``, ``test/{ok,ko}``, ``ground_truth/ko/<stem>.{png,bmp}``."""
+    train = _require_train(_good(root / "train" / "ok"), root / "train" / "ok")
+    test = _good(root / "test" / "ok")
+    for img in list_images(root / "test" / "ko"):
+        test.append(Record(img, _find_mask(root / "ground_truth" / "ko", img.stem, (".png", ".bmp"), img), 1, "ko"))
+    return Category(root.name, root, train, test)
+
+
+def load_mvtec3d(root: Path) -> Category:
+    """MVTec 3D-AD, RGB only: ``{train,test}/<type>/rgb/*.png``, masks ``test/<type>/gt/<stem>.png``."""
+    train = _require_train(_good(root / "train" / GOOD / "rgb"), root / "train" / GOOD / "rgb")
+    test: list[Record] = []
+    for folder in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
+        if folder.name == GOOD:
+            test += _good(folder / "rgb")
+            continue
+        for img in list_images(folder / "rgb"):
+            test.append(Record(img, _find_mask(folder / "gt", img.stem, (".png",), img), 1, folder.name))
+    return Category(root.name, root, train, test)
+
+
+def load_visa(root: Path) -> Category:
+    """VisA in its original form: ``<cat>/Data/{Images,Masks}``, split from ``<visa root>/split_csv/1cls.csv``."""
+    visa_root, name = root.parent, root.name
+    split_file = visa_root / "split_csv" / "1cls.csv"
+    if not split_file.is_file():
+        raise DatasetError(f"VisA split file not found: {split_file}; it ships with VisA beside the category folders")
+    train, test = [], []
+    with split_file.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("object") != name:
+                continue
+            image = visa_root / row["image"]
+            anomalous = row["label"].strip().lower() == "anomaly"
+            mask = visa_root / row["mask"] if anomalous and row.get("mask") else None
+            if anomalous and (mask is None or not mask.is_file()):
+                raise DatasetError(f"defect image {image} has no mask (expected {mask}); restore the VisA masks")
+            record = Record(image, mask, int(anomalous), "anomaly" if anomalous else GOOD)
+            (train if row["split"].strip() == "train" else test).append(record)
+    train.sort(key=lambda r: str(r.image))
+    test.sort(key=lambda r: (r.defect_type != GOOD, str(r.image)))
+    return Category(name, root, _require_train(train, split_file), test)
+
+
+def load_folder(train_dir: Path, test_dirs: dict[str, Path] | None = None, mask_dir: Path | None = None) -> Category:
+    """A generic source: a folder of good training images, optional test folders (``good`` = normal), masks by stem.
+
+    Masks are looked up as ``<mask_dir>/<stem>.png`` or ``<stem>_mask.png``.
+    """
+    train = _require_train(_good(train_dir), train_dir)
+    test: list[Record] = []
+    for name, folder in sorted((test_dirs or {}).items()):
+        if name == GOOD:
+            test += _good(folder)
+            continue
+        for img in list_images(folder):
+            if mask_dir is None:
+                raise DatasetError(f"test folder {folder} holds defect images but no mask folder was given")
+            mask = _find_mask(mask_dir, img.stem, (".png", "_mask.png", ".bmp"), img)
+            test.append(Record(img, mask, 1, name))
+    return Category(train_dir.name, train_dir, train, test)
+
+
+LOADERS = {"mvtec": load_mvtec, "btad": load_btad, "visa": load_visa, "mvtec3d": load_mvtec3d}
+
+
+def detect_layout(root: Path) -> str:
+    """Name of the layout of a category folder."""
+    if (root / "train" / GOOD / "rgb").is_dir():
+        return "mvtec3d"
+    if (root / "train" / GOOD).is_dir():
+        return "mvtec"
+    if (root / "train" / "ok").is_dir():
+        return "btad"
+    if (root / "Data" / "Images").is_dir():
+        return "visa"
+    raise DatasetError(
+        f"unknown dataset layout in {root}: expected train/good (MVTec AD, MPDD), train/good/rgb (MVTec 3D-AD), "
+        "train/ok (BTAD) or Data/Images (VisA)"
+    )
+
+
+def list_categories(root: Path) -> list[str]:
+    """Sub-folders of a dataset root that hold a known layout, sorted."""
+    names = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        try:
+            detect_layout(sub)
+        except DatasetError:
+            continue
+        names.append(sub.name)
+    return names
+
+
+def load_category(root: str | Path, category: str | None = None, layout: str = "auto") -> Category:
+    """Load a category from a dataset root plus ``category``, or from the category folder itself."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"data folder not found: {root}")
+    folder = root / category if category else root
+    if not folder.is_dir():
+        found = list_categories(root)
+        raise DatasetError(f"category {category!r} not found in {root}; categories there: {found or 'none'}")
+    layout = detect_layout(folder) if layout == "auto" else layout
+    if layout not in LOADERS:
+        raise DatasetError(f"unknown layout {layout!r}; choose auto, {', '.join(LOADERS)}")
+    return LOADERS[layout](folder)
+
+
+# --- torch datasets -----------------------------------------------------------------------------------------------
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 or float in [0, 1] -> (3, H, W) float32 in [0, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(image))
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    return t.permute(2, 0, 1).contiguous()
+
+
+class AnomalyDataset(Dataset):
+    """Evaluation samples: dicts with ``image`` (3, S, S), ``mask`` (1, E, E), ``label``, ``defect_type``, ``path``.
+
+    E = ``mask_size`` (default S); masks are resized with nearest neighbour.
+
+    A mask whose size differs from its image raises :class:`DatasetError` naming both files.
+    """
+
+    def __init__(self, records: list[Record], image_size: int, mask_size: int | None = None) -> None:
+        self.records = records
+        self.image_size = image_size
+        self.mask_size = mask_size or image_size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        r = self.records[index]
+        image = read_image(r.image, self.image_size)
+        if r.mask is None:
+            mask = np.zeros((self.mask_size, self.mask_size), dtype=bool)
+        else:
+            mask = read_mask(r.mask, expected_hw=image_size_of(r.image), size=self.mask_size)
+        return {
+            "image": to_tensor(image),
+            "mask": torch.from_numpy(mask.astype(np.float32))[None],
+            "label": r.label,
+            "defect_type": r.defect_type,
+            "path": str(r.image),
+        }
+
+
+class PairDataset(Dataset):
+    """Training pairs (normal image, synthetic anomalous image, mask), each (3|1, S, S) float in [0, 1].
+
+    Images are decoded and resized once; foreground masks are computed once per image (cached). The pair of
+    index ``i`` in epoch ``e`` draws from ``numpy.random.default_rng([seed, e, stream, i])``, so it is the same whatever the
+    worker count or the order of access.
+    """
+
+    def __init__(
+        self,
+        records: list[Record],
+        image_size: int,
+        synthesizer: AnomalySynthesizer,
+        seed: int,
+        foregrounds: ForegroundCache | None = None,
+    ) -> None:
+        if not records:
+            raise DatasetError("no training images")
+        self.records = records
+        self.images = [read_image(r.image, image_size) for r in records]
+        self.synthesizer = synthesizer
+        self.seed = seed
+        self.epoch = 0
+        self.stream = 0
+        cfg = synthesizer.cfg
+        self.foregrounds = foregrounds or ForegroundCache(cfg)
+        self.policy = "texture" if not cfg.fas else resolve_policy(self.images, cfg, self.foregrounds)
+        full = np.ones((image_size, image_size), dtype=bool)
+        self.masks = [self.foregrounds.get(im) if self.policy == "object" else full for im in self.images]
+
+    def set_epoch(self, epoch: int, stream: int = 0) -> None:
+        """Select the pairs of an epoch; ``stream`` 1 gives fresh pairs for the segmentation phase."""
+        self.epoch = epoch
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def pair(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        anomalous, mask = self.synthesizer(self.images[index], self.masks[index], rng)
+        return self.images[index], anomalous, mask
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, self.stream, index])
+        normal, anomalous, mask = self.pair(index, rng)
+        return to_tensor(normal), to_tensor(anomalous), torch.from_numpy(mask)[None]
+
+
+__all__ = [
+    "IMAGE_SUFFIXES", "AnomalyDataset", "Category", "PairDataset", "Record", "detect_layout", "list_categories",
+    "load_btad", "load_category", "load_folder", "load_mvtec", "load_mvtec3d", "load_visa",
+]  # fmt: skip

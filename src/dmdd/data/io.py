@@ -1,0 +1,136 @@
+"""Image and mask decoding with one clear error per bad file."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageFile
+
+from dmdd.errors import DatasetError, ImageReadError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# Images larger than this (pixels) are reduced while decoding, before any full-size array exists.
+MAX_DECODE_PIXELS = 4096 * 4096
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise ImageReadError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.MAX_IMAGE_PIXELS = None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(path, f"image too large ({exc})") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageReadError(path, f"not a readable image ({type(exc).__name__}: {exc})") from exc
+    return image
+
+
+def _decode(image: Image.Image, path: Path, max_side: int | None) -> Image.Image:
+    """Load pixel data, reducing huge images early (JPEG draft mode, then integer reduce)."""
+    w, h = image.size
+    if w < 1 or h < 1:
+        raise ImageReadError(path, f"invalid size {w}x{h}")
+    if max_side is not None and image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
+        image.draft(image.mode, (max_side, max_side))
+    try:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(path, f"corrupt or truncated image data ({type(exc).__name__}: {exc})") from exc
+    factor = 1
+    if max_side is not None:
+        factor = max(1, min(image.size) // max_side)
+    if image.size[0] * image.size[1] > MAX_DECODE_PIXELS:
+        factor = max(factor, int(np.ceil(np.sqrt(image.size[0] * image.size[1] / MAX_DECODE_PIXELS))))
+    if factor > 1 and image.mode not in ("P", "1"):
+        image = image.reduce(factor)
+    return image
+
+
+def _to_uint8_rgb(image: Image.Image) -> np.ndarray:
+    """Grey, 16-bit, RGBA, palette and CMYK images -> (H, W, 3) uint8 RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        grey = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+
+
+def read_image(path: str | Path, size: int | None = None) -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB, resized to (size, size) when given.
+
+    Raises:
+        ImageReadError: missing, empty, truncated or undecodable file.
+    """
+    path = Path(path)
+    image = _decode(_open(path), path, size)
+    arr = _to_uint8_rgb(image)
+    if size is not None and arr.shape[:2] != (size, size):
+        arr = cv2.resize(arr, (size, size), interpolation=cv2.INTER_AREA if arr.shape[0] > size else cv2.INTER_LINEAR)
+    return arr
+
+
+def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None, size: int | None = None) -> np.ndarray:
+    """Read a ground-truth mask as a (H, W) bool array (pixels >= 128 of 255 are anomalous).
+
+    Args:
+        path: mask file.
+        expected_hw: the (H, W) of its image; a different mask size is an error.
+        size: resize to (size, size), nearest neighbour.
+
+    Raises:
+        ImageReadError: undecodable file.
+        DatasetError: mask size differs from its image.
+    """
+    path = Path(path)
+    image = _open(path)
+    if expected_hw is not None and (image.size[1], image.size[0]) != tuple(expected_hw):
+        raise DatasetError(
+            f"mask {path} is {image.size[0]}x{image.size[1]} but its image is {expected_hw[1]}x{expected_hw[0]}; "
+            "masks must have the size of their image"
+        )
+    image = _decode(image, path, None)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        grey = arr / (65535.0 if arr.max() > 255 else 255.0) * 255.0
+    else:
+        grey = np.asarray(image.convert("L"), dtype=np.float64)
+    if grey.max() <= 1.0 and grey.max() > 0:  # 0/1 masks
+        grey = grey * 255.0
+    mask = grey >= 128
+    if size is not None and mask.shape != (size, size):
+        mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).astype(bool)
+    return mask
+
+
+def image_size_of(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header."""
+    image = _open(Path(path))
+    return image.size[1], image.size[0]
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name; symlink loops and unreadable entries are skipped."""
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in folder.iterdir():
+        try:
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                out.append(p)
+        except OSError:  # e.g. a symlink loop
+            continue
+    return sorted(out)

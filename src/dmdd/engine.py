@@ -1,0 +1,280 @@
+"""Training loop: per category, each epoch trains the student side then the segmentation head (DESIGN §4-5).
+
+No model code lives here. Checkpoints are written atomically after every epoch; ``resume`` continues a killed run
+and reaches the same weights as an uninterrupted one (pairs and batch order derive from ``(seed, epoch)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dmdd.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from dmdd.config import Config, save_config
+from dmdd.data.datasets import Category, PairDataset, Record, load_category
+from dmdd.data.foreground import ForegroundCache
+from dmdd.data.synthesis import AnomalySynthesizer
+from dmdd.errors import CheckpointError, DmddError, TrainingDivergedError
+from dmdd.evaluation import calibrate
+from dmdd.losses import aim_loss, ngm_loss, segmentation_loss
+from dmdd.models.dmdd import DMDD
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DmddError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def split_holdout(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Hold out a seeded random share of the training images for threshold calibration (never the test set)."""
+    count = int(math.floor(len(records) * fraction))
+    if count == 0 or len(records) - count < 1:
+        return list(records), []
+    order = np.random.default_rng([seed, 7]).permutation(len(records))
+    held = set(order[:count].tolist())
+    train = [r for i, r in enumerate(records) if i not in held]
+    return train, [r for i, r in enumerate(records) if i in held]
+
+
+@dataclass
+class TrainState:
+    """What a run needs besides the model; saved in every checkpoint."""
+
+    epoch: int = 0
+    history: list[dict[str, Any]] | None = None
+
+
+def build_optimizers(model: DMDD, cfg: Config) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    """Adam for the student side (pretrained stages and new parts take separate rates) and for the MSN."""
+    pretrained, new = model.student_parameters()
+    t = cfg.train
+    student = torch.optim.Adam(
+        [{"params": pretrained, "lr": t.lr_pretrained}, {"params": new, "lr": t.lr}], betas=t.betas
+    )
+    seg = torch.optim.Adam(model.segmentation.parameters(), lr=t.seg_lr) if model.segmentation is not None else None
+    return student, seg
+
+
+def _loader(pairs: PairDataset, cfg: Config, epoch: int, stream: int) -> DataLoader:
+    pairs.set_epoch(epoch, stream)
+    generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009 + stream)
+    return DataLoader(
+        pairs,
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=cfg.train.num_workers,
+        drop_last=len(pairs) > cfg.train.batch_size,
+    )
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, what: str) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingDivergedError(
+            f"{what} loss became {loss.item()} in epoch {epoch + 1}; the last good checkpoint is kept. "
+            "Lower train.lr / train.lr_pretrained or check the data"
+        )
+
+
+def student_loss(model: DMDD, normal: torch.Tensor, anomalous: torch.Tensor, mask: torch.Tensor, cfg: Config):
+    """L_NGM + L_AIM on a batch of pairs; returns (total, ngm, aim) with an unused branch at 0."""
+    fn, fa = model.distill(normal, anomalous)
+    zero = torch.zeros((), device=normal.device)
+    ngm = ngm_loss(fn.teacher, fn.normality, fa.normality) if fn.normality is not None else zero
+    aim = zero
+    if fn.abnormality is not None:
+        aim = aim_loss(fn.teacher, fn.abnormality, torch.zeros_like(mask)) + aim_loss(fa.teacher, fa.abnormality, mask)
+    return cfg.train.ngm_weight * ngm + cfg.train.aim_weight * aim, ngm, aim
+
+
+def train_student_epoch(model, pairs, optimizer, cfg, device, epoch, bar) -> dict[str, float]:
+    """One pass over the pairs training student, 1x1 convs and PMN with L_NGM + L_AIM."""
+    model.train()
+    sums = {"ngm": 0.0, "aim": 0.0}
+    steps = 0
+    for normal, anomalous, mask in _loader(pairs, cfg, epoch, stream=0):
+        normal, anomalous, mask = normal.to(device), anomalous.to(device), mask.to(device)
+        with _autocast(device, cfg.train.amp):
+            loss, ngm, aim = student_loss(model, normal, anomalous, mask, cfg)
+        _check_finite(loss, epoch, "student")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        sums["ngm"] += float(ngm.detach())
+        sums["aim"] += float(aim.detach())
+        bar.update(1)
+        bar.set_postfix(epoch=epoch + 1, ngm=f"{sums['ngm'] / steps:.4f}", aim=f"{sums['aim'] / steps:.4f}")
+    return {k: v / max(steps, 1) for k, v in sums.items()}
+
+
+def _segmentation_batches(pairs, cfg, epoch) -> Iterator:
+    """``cfg.train.seg_steps`` batches of fresh pairs (stream 1, 2, ... once a pass is used up)."""
+    steps = cfg.train.seg_steps or math.ceil(len(pairs) / cfg.train.batch_size)
+    done, stream = 0, 1
+    while True:
+        for batch in _loader(pairs, cfg, epoch, stream):
+            if done >= steps:
+                return
+            yield batch
+            done += 1
+        stream += 1
+
+
+def train_segmentation_epoch(model, pairs, optimizer, cfg, device, epoch, bar) -> dict[str, float]:
+    """Teacher and student frozen; the segmentation head learns from fresh pairs (normal images in every batch)."""
+    model.eval()
+    model.segmentation.train()
+    total, steps = 0.0, 0
+    for normal, anomalous, mask in _segmentation_batches(pairs, cfg, epoch):
+        images = torch.cat([normal, anomalous]).to(device)
+        masks = torch.cat([torch.zeros_like(mask), mask]).to(device)
+        with _autocast(device, cfg.train.amp):
+            out = model(images)
+        loss = segmentation_loss(out.logits, out.pred_score, masks)
+        _check_finite(loss, epoch, "segmentation")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+        steps += 1
+        bar.update(1)
+        bar.set_postfix(epoch=epoch + 1, seg=f"{total / steps:.4f}")
+    model.segmentation.eval()
+    return {"seg": total / max(steps, 1)}
+
+
+class _StopRequested(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _graceful_signals() -> Iterator[None]:
+    """SIGTERM behaves like Ctrl-C: the run stops and the last complete checkpoint stays usable."""
+
+    def handler(signum, frame):  # noqa: ANN001
+        raise _StopRequested(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def fit(
+    cfg: Config,
+    out_dir: str | Path,
+    category: Category | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train DMDD on one category and return the path of the final checkpoint (``out_dir/last.pt``).
+
+    Args:
+        cfg: full configuration (``cfg.data`` locates the category unless ``category`` is given).
+        out_dir: run folder: ``last.pt``, ``config.yaml``, ``train_log.jsonl``.
+        category: preloaded records (optional).
+        resume: continue from ``out_dir/last.pt`` if present.
+        progress: show a progress bar.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "last.pt"
+    if category is None:
+        category = load_category(cfg.data.root, cfg.data.category, cfg.data.layout)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = select_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    model = DMDD(cfg.model).to(device)
+    student_opt, seg_opt = build_optimizers(model, cfg)
+    state = TrainState(0, [])
+    if resume and ckpt_path.is_file():
+        state = _restore(ckpt_path, cfg, model, student_opt, seg_opt)
+    save_config(cfg, out / "config.yaml")
+    train_records, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
+    synthesizer = AnomalySynthesizer(cfg.synthesis)
+    pairs = PairDataset(train_records, cfg.model.image_size, synthesizer, cfg.train.seed, ForegroundCache(cfg.synthesis))
+    seg_steps = (cfg.train.seg_steps or math.ceil(len(pairs) / cfg.train.batch_size)) if model.segmentation else 0
+    steps_per_epoch = len(_loader(pairs, cfg, 0, 0)) + seg_steps
+    bar = tqdm(total=steps_per_epoch * (cfg.train.epochs - state.epoch), disable=not progress, unit="step",
+               desc=f"train {category.name}", dynamic_ncols=True)  # fmt: skip
+    try:
+        with _graceful_signals():
+            for epoch in range(state.epoch, cfg.train.epochs):
+                start = time.perf_counter()
+                log = train_student_epoch(model, pairs, student_opt, cfg, device, epoch, bar)
+                if model.segmentation is not None:
+                    log |= train_segmentation_epoch(model, pairs, seg_opt, cfg, device, epoch, bar)
+                log = {"epoch": epoch + 1, **log, "seconds": round(time.perf_counter() - start, 2),
+                       "foreground_policy": pairs.policy}  # fmt: skip
+                state.epoch, state.history = epoch + 1, [*state.history, log]
+                _save(ckpt_path, cfg, model, student_opt, seg_opt, state)
+                with (out / "train_log.jsonl").open("a") as f:
+                    f.write(json.dumps(log) + "\n")
+    except (KeyboardInterrupt, _StopRequested) as exc:
+        bar.close()
+        raise DmddError(
+            f"training interrupted ({exc or 'SIGINT'}) after {state.epoch} complete epoch(s); "
+            f"{ckpt_path if state.epoch else 'no checkpoint yet'} is usable, rerun with --resume to continue"
+        ) from None
+    bar.close()
+    # Thresholds from held-out normal training images (all training images when none are held out).
+    thresholds = calibrate(model, holdout or train_records, cfg, device)
+    _save(ckpt_path, cfg, model, student_opt, seg_opt, state, thresholds=thresholds)
+    return ckpt_path
+
+
+def _save(path, cfg, model, student_opt, seg_opt, state: TrainState, **extra) -> None:
+    save_checkpoint(
+        path,
+        {
+            "config": cfg.to_dict(),
+            "model": model.state_dict(),
+            "optimizer_student": student_opt.state_dict(),
+            "optimizer_segmentation": seg_opt.state_dict() if seg_opt is not None else None,
+            "epoch": state.epoch,
+            "history": state.history,
+            "rng": {"torch": torch.get_rng_state()},
+            **extra,
+        },
+    )
+
+
+def _restore(path, cfg, model, student_opt, seg_opt) -> TrainState:
+    payload = load_checkpoint(path)
+    if payload["config"]["model"] != cfg.to_dict()["model"]:
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained with a different model configuration; "
+            "use the same config or another --out folder"
+        )
+    load_model_state(model, payload["model"], path)
+    student_opt.load_state_dict(payload["optimizer_student"])
+    if seg_opt is not None and payload.get("optimizer_segmentation"):
+        seg_opt.load_state_dict(payload["optimizer_segmentation"])
+    torch.set_rng_state(payload["rng"]["torch"])
+    return TrainState(int(payload["epoch"]), list(payload.get("history") or []))

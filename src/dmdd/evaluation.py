@@ -1,0 +1,211 @@
+"""Evaluation loop, threshold calibration without test labels, and metric reports (DESIGN §6-7)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from dmdd import metrics
+from dmdd.config import Config
+from dmdd.data.datasets import AnomalyDataset, PairDataset, Record, to_tensor
+from dmdd.data.foreground import ForegroundCache
+from dmdd.data.io import read_image
+from dmdd.data.synthesis import AnomalySynthesizer
+from dmdd.models.dmdd import DMDD
+from dmdd.visualize import heatmap_panel
+
+CALIBRATION_STREAM = 10_000  # rng stream of the synthetic anomalies used for calibration
+
+
+@dataclass
+class Predictions:
+    """Model outputs on a labelled split, at the evaluation size.
+
+    Attributes:
+        scores: (N,) image scores.
+        maps: (N, E, E) anomaly maps.
+        masks: (N, E, E) ground truth.
+        labels: (N,) 0 normal, 1 anomalous.
+        defect_types: N names.
+        paths: N image paths.
+    """
+
+    scores: np.ndarray
+    maps: np.ndarray
+    masks: np.ndarray
+    labels: np.ndarray
+    defect_types: list[str]
+    paths: list[str]
+
+
+@torch.inference_mode()
+def run_model(model: DMDD, images: torch.Tensor, device: torch.device, size: int | None = None):
+    """Eval forward on a batch of (B, 3, S, S) images -> (scores (B,), maps (B, size, size)) as numpy."""
+    out = model(images.to(device))
+    maps = out.anomaly_map
+    if size is not None and maps.shape[-1] != size:
+        maps = torch.nn.functional.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+    return out.pred_score.float().cpu().numpy(), maps[:, 0].float().cpu().numpy()
+
+
+def predict_split(model: DMDD, records: list[Record], cfg: Config, device: torch.device, batch_size: int = 8):
+    """Run the model over a labelled split; masks are read at ``cfg.train.eval_size`` (nearest)."""
+    model.eval()
+    eval_size = cfg.train.eval_size
+    data = AnomalyDataset(records, cfg.model.image_size, mask_size=eval_size)
+    scores, maps, masks, labels, types, paths = [], [], [], [], [], []
+    for batch in DataLoader(data, batch_size=batch_size, num_workers=cfg.train.num_workers):
+        s, m = run_model(model, batch["image"], device, eval_size)
+        scores.append(s)
+        maps.append(m.astype(np.float32))
+        masks.append(batch["mask"][:, 0].numpy().astype(bool))
+        labels.append(np.asarray(batch["label"]))
+        types += list(batch["defect_type"])
+        paths += list(batch["path"])
+    return Predictions(np.concatenate(scores), np.concatenate(maps), np.concatenate(masks), np.concatenate(labels),
+                       types, paths)  # fmt: skip
+
+
+def _split_metrics(p: Predictions, index: np.ndarray) -> dict[str, float | None]:
+    labels, scores = p.labels[index], p.scores[index]
+    masks, maps = p.masks[index], p.maps[index]
+    both = labels.min() == 0 and labels.max() == 1
+    has_pixels = masks.any() and (~masks).any()
+    return {
+        "image_auroc": metrics.auroc(labels, scores) if both else None,
+        "image_f1_max": metrics.f1_max(labels, scores)[0] if labels.max() == 1 else None,
+        "pixel_auroc": metrics.auroc(masks, maps) if has_pixels else None,
+        "pixel_f1_max": metrics.f1_max(masks, maps)[0] if has_pixels else None,
+        "au_pro": metrics.au_pro(masks, maps) if has_pixels else None,
+        "images": int(index.size),
+    }
+
+
+def compute_metrics(p: Predictions) -> dict[str, Any]:
+    """Overall metrics and a per-defect-type breakdown (each type evaluated together with the good images)."""
+    everything = np.arange(p.labels.size)
+    good = np.flatnonzero(np.asarray(p.defect_types) == "good")
+    per_type = {}
+    for name in sorted(set(p.defect_types) - {"good"}):
+        index = np.r_[good, np.flatnonzero(np.asarray(p.defect_types) == name)]
+        per_type[name] = _split_metrics(p, np.sort(index))
+    return {"overall": _split_metrics(p, everything), "per_defect_type": per_type}
+
+
+def _youden_threshold(normal: np.ndarray, anomalous: np.ndarray) -> float:
+    """Threshold ``score >= t`` maximising TPR - FPR between two score samples."""
+    labels = np.r_[np.zeros(normal.size), np.ones(anomalous.size)]
+    fpr, tpr, thr = metrics.roc_curve(labels, np.r_[normal, anomalous])
+    best = int(np.argmax(tpr[1:] - fpr[1:])) + 1
+    return float(thr[best])
+
+
+@torch.inference_mode()
+def calibrate(model: DMDD, records: list[Record], cfg: Config, device: torch.device) -> dict[str, Any]:
+    """Image and pixel thresholds from held-out normal training images and synthetic anomalies made from them.
+
+    No test image or label is involved. The image threshold maximises TPR - FPR between the two score samples;
+    the pixel threshold maximises pixel F1 on the synthetic masks.
+    """
+    model.eval()
+    synthesizer = AnomalySynthesizer(cfg.synthesis)
+    pairs = PairDataset(records, cfg.model.image_size, synthesizer, cfg.train.seed, ForegroundCache(cfg.synthesis))
+    pairs.set_epoch(0, CALIBRATION_STREAM)
+    normal_scores, anomalous_scores, pixel_maps, pixel_masks = [], [], [], []
+    for start in range(0, len(pairs), 8):
+        batch = [pairs[i] for i in range(start, min(start + 8, len(pairs)))]
+        normal = torch.stack([b[0] for b in batch])
+        anomalous = torch.stack([b[1] for b in batch])
+        masks = torch.stack([b[2] for b in batch])[:, 0].numpy().astype(bool)
+        s_n, m_n = run_model(model, normal, device)
+        s_a, m_a = run_model(model, anomalous, device)
+        normal_scores.append(s_n)
+        anomalous_scores.append(s_a)
+        pixel_maps += [m_n, m_a]
+        pixel_masks += [np.zeros_like(masks), masks]
+    normal_s, anomalous_s = np.concatenate(normal_scores), np.concatenate(anomalous_scores)
+    maps, masks = np.concatenate(pixel_maps), np.concatenate(pixel_masks)
+    return {
+        "image": _youden_threshold(normal_s, anomalous_s),
+        "pixel": metrics.f1_max(masks, maps)[1] if masks.any() else float(np.quantile(maps, 0.999)),
+        "normal_images": int(normal_s.size),
+        "synthetic_anomalies": int(anomalous_s.size),
+        "source": "held-out normal training images and synthetic anomalies (no test data)",
+    }
+
+
+def metrics_markdown(result: dict[str, Any], title: str) -> str:
+    """A Markdown table: overall row then one row per defect type, values in %."""
+    cols = ["image_auroc", "pixel_auroc", "au_pro", "image_f1_max", "pixel_f1_max", "images"]
+    head = ["split", "I-AUROC", "P-AUROC", "AU-PRO", "I-F1max", "P-F1max", "images"]
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        return str(v) if isinstance(v, int) else f"{100 * v:.2f}"
+
+    rows = [["**all**", *[fmt(result["overall"][c]) for c in cols]]]
+    rows += [[name, *[fmt(m[c]) for c in cols]] for name, m in result["per_defect_type"].items()]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def write_overlays(p: Predictions, records: list[Record], out_dir: Path, image_size: int, per_type: int = 3) -> list[Path]:
+    """Save image | ground truth | anomaly map panels for the first ``per_type`` test images of each type."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_path = {str(r.image): r for r in records}
+    vmax = float(np.quantile(p.maps, 0.999)) or 1.0
+    vmin = float(p.maps.min())
+    written, seen = [], {}
+    for i, path in enumerate(p.paths):
+        kind = p.defect_types[i]
+        if seen.get(kind, 0) >= per_type:
+            continue
+        seen[kind] = seen.get(kind, 0) + 1
+        image = read_image(by_path[path].image, p.maps.shape[-1])
+        panel = heatmap_panel(image, p.masks[i], p.maps[i], vmin, vmax)
+        target = out_dir / f"{kind}_{Path(path).stem}.png"
+        cv2.imwrite(str(target), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
+        written.append(target)
+    return written
+
+
+def write_metrics(result: dict[str, Any], out_dir: Path, title: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "metrics.md").write_text(metrics_markdown(result, title))
+
+
+
+
+
+def evaluate(
+    model: DMDD,
+    cfg: Config,
+    records: list[Record],
+    out_dir: str | Path | None = None,
+    title: str = "DMDD",
+    device: torch.device | None = None,
+    overlays_per_type: int = 3,
+) -> tuple[dict[str, Any], Predictions]:
+    """Metrics of a trained model on a labelled test split; writes metrics.json, metrics.md and overlays.
+
+    Returns:
+        (metrics, predictions).
+    """
+    device = device or next(model.parameters()).device
+    predictions = predict_split(model, records, cfg, device)
+    result = compute_metrics(predictions)
+    if out_dir is not None:
+        out = Path(out_dir)
+        write_metrics(result, out, title)
+        if overlays_per_type:
+            write_overlays(predictions, records, out / "overlays", cfg.model.image_size, overlays_per_type)
+    return result, predictions

@@ -1,0 +1,160 @@
+"""The DMDD network: frozen teacher, decoupled student with PMN, and the segmentation network (DESIGN §1, §4)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dmdd.config import ModelConfig
+from dmdd.losses import cosine_distance
+from dmdd.models.backbone import Backbone, build_backbone
+from dmdd.models.segmentation import SegmentationHead, pyramid_upsample, top_k_score
+from dmdd.models.student import DecoupledStudent, PyramidModelingNetwork
+
+
+class InferenceOutput(NamedTuple):
+    """Eval-mode output; the ONNX graph names its outputs after these fields."""
+
+    pred_score: torch.Tensor  # (B,)
+    anomaly_map: torch.Tensor  # (B, 1, H, W)
+
+
+class SegmentationOutput(NamedTuple):
+    """Train-mode output of ``forward``: what L_seg needs."""
+
+    logits: torch.Tensor  # (B, 1, H, W)
+    pred_score: torch.Tensor  # (B,)
+
+
+class Features(NamedTuple):
+    """Per-stage features of one batch; a branch that is switched off is ``None``."""
+
+    teacher: list[torch.Tensor]
+    normality: list[torch.Tensor] | None
+    abnormality: list[torch.Tensor] | None
+
+
+class DMDD(nn.Module):
+    """Dual-Modeling Decouple Distillation.
+
+    Inputs are RGB images in [0, 1], (B, 3, S, S) with S = ``cfg.image_size``; normalisation happens inside, so an
+    exported graph takes the same input.
+
+    Args:
+        cfg: model configuration.
+        backbone: a prebuilt backbone (else built from ``cfg``).
+    """
+
+    def __init__(self, cfg: ModelConfig, backbone: Backbone | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        backbone = backbone or build_backbone(cfg.backbone, cfg.pretrained, cfg.weights)
+        self.channels = backbone.channels
+        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1), persistent=False)
+        self.student = DecoupledStudent(backbone.stages, backbone.channels)
+        self.teacher = backbone.stages
+        self.teacher.requires_grad_(False)
+        self.use_normality = cfg.branches in ("both", "normality")
+        self.use_abnormality = cfg.branches in ("both", "abnormality")
+        pmn = dict(channels=backbone.channels, inner=cfg.pmn_inner, outer=cfg.pmn_outer)
+        self.pmn_normality = PyramidModelingNetwork(direction="top-down-top", **pmn) if self.use_normality else None
+        self.pmn_abnormality = (
+            PyramidModelingNetwork(direction="down-top-down", **pmn) if self.use_abnormality else None
+        )
+        self.num_maps = 4 * (int(self.use_normality) + int(self.use_abnormality))
+        self.segmentation = (
+            SegmentationHead(self.num_maps, cfg.image_size, cfg.seg_channels, cfg.multi_perception)
+            if cfg.msn
+            else None
+        )
+        self.train()
+
+    def train(self, mode: bool = True) -> DMDD:
+        """Like ``nn.Module.train``, but the teacher (and, if configured, the student's BatchNorm) stay in eval."""
+        super().train(mode)
+        self.teacher.eval()
+        if self.cfg.student_bn_frozen:
+            for module in self.student.stages.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def student_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(pretrained student stages, new parts: 1x1 splits and PMN) — they take separate learning rates."""
+        pretrained = list(self.student.stages.parameters())
+        new = list(self.student.splits.parameters())
+        for pmn in (self.pmn_normality, self.pmn_abnormality):
+            if pmn is not None:
+                new += list(pmn.parameters())
+        return pretrained, new
+
+    def features(self, images: torch.Tensor) -> Features:
+        """Teacher features and the student's PMN-refined normality / abnormality features of (B, 3, S, S) images."""
+        x = (images - self.mean) / self.std
+        with torch.no_grad():
+            teacher, t = [], x
+            for stage in self.teacher:
+                t = stage(t)
+                teacher.append(t)
+        normality, abnormality = self.student(x)
+        return Features(
+            teacher=teacher,
+            normality=self.pmn_normality(normality) if self.pmn_normality is not None else None,
+            abnormality=self.pmn_abnormality(abnormality) if self.pmn_abnormality is not None else None,
+        )
+
+    def stage_maps(self, feats: Features) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """M_i^NGM and M_i^AIM: cosine distances to the teacher, each (B, 1, H_i, W_i); an off branch gives []."""
+        ngm = [cosine_distance(t, s) for t, s in zip(feats.teacher, feats.normality)] if feats.normality else []
+        aim = [cosine_distance(t, s) for t, s in zip(feats.teacher, feats.abnormality)] if feats.abnormality else []
+        return ngm, aim
+
+    def stacked_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """The K anomaly maps, pyramid-fused when configured and upsampled to the input size: (B, K, S, S)."""
+        ngm, aim = self.stage_maps(self.features(images))
+        if self.cfg.pyramid_upsampling and self.segmentation is not None:
+            ngm, aim = pyramid_upsample(ngm, aim)
+        size = images.shape[-2:]
+        maps = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in ngm + aim]
+        return torch.cat(maps, dim=1)
+
+    def forward(self, images: torch.Tensor) -> InferenceOutput | SegmentationOutput:
+        """``InferenceOutput(pred_score (B,), anomaly_map (B, 1, S, S))``, or ``SegmentationOutput`` while the
+        segmentation head is in train mode.
+
+        While the head trains, teacher and student run without gradients (paper §3.1: T and S are frozen); put the
+        model in eval mode and only ``model.segmentation`` in train mode. Student training uses :meth:`distill`.
+        """
+        if self.segmentation is None:
+            maps = self.stacked_maps(images).sum(dim=1, keepdim=True)  # (B, 1, S, S), "w/o MSN"
+            return InferenceOutput(maps.flatten(1).amax(dim=1), maps)
+        if self.segmentation.training:
+            with torch.no_grad():
+                stacked = self.stacked_maps(images)
+            logits = self.segmentation(stacked)
+            return SegmentationOutput(logits, top_k_score(torch.sigmoid(logits), self.cfg.top_k))
+        anomaly_map = torch.sigmoid(self.segmentation(self.stacked_maps(images)))
+        return InferenceOutput(top_k_score(anomaly_map, self.cfg.top_k), anomaly_map)
+
+    def distill(self, normal: torch.Tensor, anomalous: torch.Tensor) -> tuple[Features, Features]:
+        """Features of a batch of normal images and their synthetic anomalous copies (teacher run once on both).
+
+        Returns:
+            (features of the normal images, features of the anomalous images), split from one 2B batch.
+        """
+        feats = self.features(torch.cat([normal, anomalous], dim=0))
+        b = normal.shape[0]
+
+        def split(xs: list[torch.Tensor] | None, first: bool) -> list[torch.Tensor] | None:
+            if xs is None:
+                return None
+            return [x[:b] if first else x[b:] for x in xs]
+
+        return (
+            Features(split(feats.teacher, True), split(feats.normality, True), split(feats.abnormality, True)),
+            Features(split(feats.teacher, False), split(feats.normality, False), split(feats.abnormality, False)),
+        )

@@ -1,0 +1,121 @@
+import dataclasses
+
+import pytest
+import torch
+
+from dmdd.config import Config, ModelConfig
+from dmdd.engine import build_optimizers, student_loss
+from dmdd.losses import segmentation_loss
+from dmdd.models import DMDD, InferenceOutput, SegmentationOutput
+
+BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "resnet50",
+             "wide_resnet50_2"]  # fmt: skip
+
+
+def make(**kw) -> DMDD:
+    torch.manual_seed(0)
+    base = dict(backbone="efficientnet_lite0", image_size=64)
+    return DMDD(ModelConfig(**{**base, **kw}))
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_shapes_of_every_intermediate(name):
+    model = make(backbone=name, pretrained=name.startswith("efficientnet")).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.features(x)
+        for branch in (feats.teacher, feats.normality, feats.abnormality):
+            for f, c, s in zip(branch, model.channels, (4, 8, 16, 32)):
+                assert f.shape == (2, c, 64 // s, 64 // s) and torch.isfinite(f).all()
+        ngm, aim = model.stage_maps(feats)
+        assert [m.shape[-1] for m in ngm + aim] == [16, 8, 4, 2] * 2
+        assert model.stacked_maps(x).shape == (2, 8, 64, 64)
+        out = model(x)
+    assert isinstance(out, InferenceOutput)
+    assert out.pred_score.shape == (2,) and out.anomaly_map.shape == (2, 1, 64, 64)
+    assert torch.isfinite(out.anomaly_map).all() and ((out.anomaly_map >= 0) & (out.anomaly_map <= 1)).all()
+
+
+def test_teacher_is_frozen_and_always_in_eval_mode():
+    model = make()
+    model.train()
+    assert not model.teacher.training
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    bn = [m for m in model.student.stages.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and not any(m.training for m in bn)  # student BN statistics frozen (config default)
+    assert model.pmn_normality.training
+
+
+def test_optimizer_step_changes_student_side_and_msn_but_not_teacher():
+    model = make()
+    cfg = Config().replace(model={"backbone": "efficientnet_lite0", "image_size": 64})
+    student_opt, seg_opt = build_optimizers(model, cfg)
+    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    student_before = [p.clone() for p in model.student.parameters()]
+    pmn_before = [p.clone() for p in model.pmn_abnormality.parameters()]
+    seg_before = [p.clone() for p in model.segmentation.parameters()]
+    normal, anomalous = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    mask = (torch.rand(2, 1, 64, 64) > 0.7).float()
+    loss, _, _ = student_loss(model, normal, anomalous, mask, cfg)
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    student_opt.step()
+    model.eval()
+    model.segmentation.train()
+    out = model(torch.cat([normal, anomalous]))
+    assert isinstance(out, SegmentationOutput)
+    segmentation_loss(out.logits, out.pred_score, torch.cat([torch.zeros_like(mask), mask])).backward()
+    seg_opt.step()
+    for k, v in model.teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+    assert any(not torch.equal(a, b) for a, b in zip(student_before, model.student.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(pmn_before, model.pmn_abnormality.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(seg_before, model.segmentation.parameters()))
+
+
+@pytest.mark.parametrize("pmn", [False, True])
+def test_student_equals_teacher_at_initialisation(pmn):
+    model = make(pmn_inner=pmn, pmn_outer=pmn).eval()
+    with torch.no_grad():
+        ngm, aim = model.stage_maps(model.features(torch.rand(3, 3, 64, 64)))
+    for m in ngm + aim:
+        assert m.abs().max() < 1e-5
+
+
+ABLATIONS = [
+    dict(branches="normality"), dict(branches="abnormality"), dict(pmn_inner=False), dict(pmn_outer=False),
+    dict(pmn_inner=False, pmn_outer=False), dict(msn=False), dict(pyramid_upsampling=False),
+    dict(multi_perception=False), dict(branches="abnormality", msn=False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_every_ablation_builds_and_runs_forward_backward(ablation):
+    model = make(**ablation)
+    cfg = Config(model=dataclasses.replace(ModelConfig(backbone="efficientnet_lite0", image_size=64), **ablation))
+    normal, anomalous = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    mask = (torch.rand(2, 1, 64, 64) > 0.7).float()
+    loss, ngm, aim = student_loss(model, normal, anomalous, mask, cfg)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert (float(ngm.detach()) == 0) == (ablation.get("branches") == "abnormality")
+    assert (float(aim.detach()) == 0) == (ablation.get("branches") == "normality")
+    if model.segmentation is not None:
+        model.eval()
+        model.segmentation.train()
+        out = model(torch.cat([normal, anomalous]))
+        segmentation_loss(out.logits, out.pred_score, torch.cat([torch.zeros_like(mask), mask])).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(normal)
+    assert out.anomaly_map.shape == (2, 1, 64, 64) and torch.isfinite(out.pred_score).all()
+
+
+def test_without_msn_map_is_plain_sum_and_score_is_max():
+    model = make(msn=False).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        stacked = model.stacked_maps(x)
+    assert torch.allclose(out.anomaly_map, stacked.sum(1, keepdim=True))
+    assert torch.allclose(out.pred_score, out.anomaly_map.flatten(1).amax(1))
