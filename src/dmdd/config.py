@@ -79,6 +79,7 @@ class SynthesisConfig:
         object_max_coverage: auto policy: foreground coverage under which a category is an object.
         object_max_coverage_cv: auto policy: largest coefficient of variation of the coverage across images
             for an object category.
+        object_max_crossings: auto policy: most foreground/background changes per image line for an object.
         min_foreground_coverage: GrabCut results smaller than this fall back to Otsu, then whole image.
         max_mask_tries: bounded resampling of the Perlin mask when M is empty.
         foreground_cache_dir: optional disk cache for foreground masks.
@@ -94,6 +95,7 @@ class SynthesisConfig:
     grabcut_size: int = 128
     object_max_coverage: float = 0.9
     object_max_coverage_cv: float = 0.25
+    object_max_crossings: float = 6.0
     min_foreground_coverage: float = 0.02
     max_mask_tries: int = 10
     foreground_cache_dir: str | None = None

@@ -132,11 +132,15 @@ def calibrate(model: DMDD, records: list[Record], cfg: Config, device: torch.dev
         pixel_masks += [np.zeros_like(masks), masks]
     normal_s, anomalous_s = np.concatenate(normal_scores), np.concatenate(anomalous_scores)
     maps, masks = np.concatenate(pixel_maps), np.concatenate(pixel_masks)
+    labels = np.r_[np.zeros(normal_s.size), np.ones(anomalous_s.size)]
     return {
         "image": _youden_threshold(normal_s, anomalous_s),
         "pixel": metrics.f1_max(masks, maps)[1] if masks.any() else float(np.quantile(maps, 0.999)),
         "normal_images": int(normal_s.size),
         "synthetic_anomalies": int(anomalous_s.size),
+        # Label-free validation figures (held-out normals vs synthetic anomalies), usable for model choices.
+        "synthetic_image_auroc": metrics.auroc(labels, np.r_[normal_s, anomalous_s]),
+        "synthetic_pixel_auroc": metrics.auroc(masks, maps) if masks.any() else None,
         "source": "held-out normal training images and synthetic anomalies (no test data)",
     }
 

@@ -194,7 +194,7 @@ def load_category(root: str | Path, category: str | None = None, layout: str = "
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 or float in [0, 1] -> (3, H, W) float32 in [0, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(image))
+    t = torch.from_numpy(np.array(image, copy=not image.flags.writeable or not image.flags.c_contiguous))
     t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
     return t.permute(2, 0, 1).contiguous()
 

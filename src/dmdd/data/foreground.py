@@ -91,19 +91,34 @@ class ForegroundCache:
         return fg
 
 
+def boundary_crossings(mask: np.ndarray) -> float:
+    """Mean number of foreground/background changes along a row or column: ~2 for one compact object."""
+    rows = np.count_nonzero(mask[:, 1:] != mask[:, :-1]) / mask.shape[0]
+    cols = np.count_nonzero(mask[1:] != mask[:-1]) / mask.shape[1]
+    return float(rows + cols) / 2
+
+
 def resolve_policy(images: Sequence[np.ndarray], cfg: SynthesisConfig, cache: ForegroundCache, probe: int = 8) -> str:
     """``object`` or ``texture``.
 
-    ``auto`` probes up to ``probe`` evenly spaced images: an object category has a foreground that covers less than
-    ``cfg.object_max_coverage`` of the image *and* a similar share in every image (coefficient of variation
-    < ``cfg.object_max_coverage_cv``); on textures GrabCut cuts arbitrary, widely varying regions. (chosen)
+    ``auto`` probes up to ``probe`` evenly spaced images. A category is an object when its foreground (chosen):
+    covers less than ``cfg.object_max_coverage`` of the image on average; covers a similar share in every image
+    (coefficient of variation < ``cfg.object_max_coverage_cv``); and is compact (fewer than
+    ``cfg.object_max_crossings`` foreground/background changes per image line). On textures GrabCut cuts
+    fragmented or widely varying regions.
     """
     if cfg.foreground != "auto":
         return cfg.foreground
     if not images:
         return "texture"
     picks = np.linspace(0, len(images) - 1, num=min(probe, len(images))).round().astype(int)
-    coverage = np.array([cache.get(images[i]).mean() for i in picks])
+    masks = [cache.get(images[i]) for i in picks]
+    coverage = np.array([m.mean() for m in masks])
     variation = coverage.std() / max(coverage.mean(), 1e-8)
-    is_object = coverage.mean() < cfg.object_max_coverage and variation < cfg.object_max_coverage_cv
+    crossings = float(np.mean([boundary_crossings(m) for m in masks]))
+    is_object = (
+        coverage.mean() < cfg.object_max_coverage
+        and variation < cfg.object_max_coverage_cv
+        and crossings < cfg.object_max_crossings
+    )
     return "object" if is_object else "texture"

@@ -1,0 +1,104 @@
+"""End-to-end training and evaluation on a generated 64 px tree; checkpoints, resume, divergence."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from dmdd.checkpoint import load_checkpoint, restore_model, save_checkpoint
+from dmdd.data import load_category
+from dmdd import engine
+from dmdd.engine import fit, split_holdout
+from dmdd.errors import CheckpointError, TrainingDivergedError
+from dmdd.evaluation import evaluate
+
+
+def run(tiny_tree, out, **train):
+    cfg = tiny_config(tiny_tree, **train)
+    ckpt = fit(cfg, out, progress=False)
+    model, payload = restore_model(ckpt)
+    result, _ = evaluate(model, cfg, load_category(tiny_tree).test, out / "eval", overlays_per_type=1)
+    return ckpt, payload, result
+
+
+def test_fit_and_evaluate_end_to_end_is_reproducible(tiny_tree, tmp_path):
+    ckpt, payload, result = run(tiny_tree, tmp_path / "a", epochs=2)
+    overall = result["overall"]
+    for key in ("image_auroc", "pixel_auroc", "au_pro", "image_f1_max", "pixel_f1_max"):
+        assert 0.0 <= overall[key] <= 1.0, key
+    assert set(result["per_defect_type"]) == {"scratch", "spot", "contamination"}
+    assert payload["epoch"] == 2 and len(payload["history"]) == 2
+    assert {"image", "pixel"} <= set(payload["thresholds"])
+    assert (tmp_path / "a/eval/metrics.json").is_file() and (tmp_path / "a/eval/metrics.md").is_file()
+    assert len(list((tmp_path / "a/eval/overlays").glob("*.png"))) == 4
+    log = [json.loads(line) for line in (tmp_path / "a/train_log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [1, 2] and all(e["ngm"] > 0 for e in log)
+    _, payload_b, result_b = run(tiny_tree, tmp_path / "b", epochs=2)
+    assert result_b == result
+    for k, v in payload["model"].items():
+        assert torch.equal(v, payload_b["model"][k]), k
+
+
+def test_kill_after_epoch_one_and_resume_reaches_the_same_weights(tiny_tree, tmp_path):
+    straight = fit(tiny_config(tiny_tree, epochs=2), tmp_path / "straight", progress=False)
+    fit(tiny_config(tiny_tree, epochs=1), tmp_path / "resumed", progress=False)  # "killed" after epoch 1
+    resumed = fit(tiny_config(tiny_tree, epochs=2), tmp_path / "resumed", resume=True, progress=False)
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    assert b["epoch"] == 2
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_resume_refuses_another_model_configuration(tiny_tree, tmp_path):
+    fit(tiny_config(tiny_tree), tmp_path / "r", progress=False)
+    cfg = tiny_config(tiny_tree, epochs=2).replace(model={"msn": False})
+    with pytest.raises(CheckpointError, match="different model configuration"):
+        fit(cfg, tmp_path / "r", resume=True, progress=False)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_tree, tmp_path, monkeypatch):
+    fit(tiny_config(tiny_tree), tmp_path / "n", progress=False)
+    good = (tmp_path / "n/last.pt").read_bytes()
+    real = engine.ngm_loss
+    monkeypatch.setattr(engine, "ngm_loss", lambda *a: real(*a) * float("nan"))
+    with pytest.raises(TrainingDivergedError, match="loss became nan in epoch 2"):
+        fit(tiny_config(tiny_tree, epochs=2), tmp_path / "n", resume=True, progress=False)
+    assert (tmp_path / "n/last.pt").read_bytes() == good
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="damaged or not a dmdd checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a dmdd checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    save_checkpoint(tmp_path / "future.pt", {"config": {}, "model": {}})
+    payload = torch.load(tmp_path / "future.pt", weights_only=True)
+    payload["format_version"] = 99
+    torch.save(payload, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_checkpoint(tmp_path / "future.pt")
+
+
+def test_truncated_and_foreign_backbone_checkpoints(tiny_tree, tmp_path):
+    ckpt = fit(tiny_config(tiny_tree), tmp_path / "t", progress=False)
+    data = ckpt.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(tmp_path / "cut.pt")
+    payload = load_checkpoint(ckpt)
+    payload["config"]["model"]["backbone"] = "efficientnet_lite1"
+    save_checkpoint(tmp_path / "swapped.pt", {k: v for k, v in payload.items() if not k.startswith("format")})
+    with pytest.raises(CheckpointError, match="does not match a DMDD model with backbone 'efficientnet_lite1'"):
+        restore_model(tmp_path / "swapped.pt")
+
+
+def test_holdout_is_seeded_and_disjoint(tiny_tree):
+    records = load_category(tiny_tree).train
+    train, held = split_holdout(records, 0.25, seed=3)
+    assert len(held) == 2 and not set(train) & set(held)
+    assert split_holdout(records, 0.25, seed=3) == (train, held)

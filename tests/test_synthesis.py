@@ -1,0 +1,145 @@
+"""Foreground-aware Anomaly Synthesis: determinism, blend/mask alignment, foreground restriction, caching."""
+
+import numpy as np
+import pytest
+
+from conftest import SHARED_DATA, real_category
+from dmdd.config import SynthesisConfig
+from dmdd.data import AnomalySynthesizer, PairDataset, TextureSource, load_category
+from dmdd.data.foreground import ForegroundCache, foreground_mask, resolve_policy
+from dmdd.data.synthesis import AUGMENTERS, perlin_mask, perlin_noise
+
+
+def object_image(size=64) -> np.ndarray:
+    """A bright disc (the object) on a dark, slightly noisy background."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2
+    img = np.where(disc[..., None], [200, 170, 120], [15, 15, 20]) + rng.normal(0, 4, (size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8), disc
+
+
+def test_same_seed_gives_byte_identical_pairs():
+    image, _ = object_image()
+    synth = AnomalySynthesizer(SynthesisConfig())
+    fg = np.ones((64, 64), bool)
+    a1, m1 = synth(image, fg, np.random.default_rng(5))
+    a2, m2 = synth(image, fg, np.random.default_rng(5))
+    a3, _ = synth(image, fg, np.random.default_rng(6))
+    assert a1.tobytes() == a2.tobytes() and m1.tobytes() == m2.tobytes()
+    assert a1.tobytes() != a3.tobytes()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mask_marks_exactly_the_changed_pixels(seed):
+    image, _ = object_image()
+    synth = AnomalySynthesizer(SynthesisConfig())
+    anomalous, mask = synth(image, np.ones((64, 64), bool), np.random.default_rng(seed))
+    original = image.astype(np.float32) / 255
+    changed = np.abs(anomalous - original).max(axis=2) > 1e-6
+    outside = mask == 0
+    assert not changed[outside].any()  # nothing changes outside the mask
+    assert mask.any() and changed[mask == 1].mean() > 0.95  # (texture == image on a pixel is the rare exception)
+    assert anomalous.min() >= 0 and anomalous.max() <= 1
+
+
+def test_blend_follows_the_formula():
+    image = np.full((32, 32, 3), 100, np.uint8)
+    synth = AnomalySynthesizer(SynthesisConfig(beta_max=0.5))
+    rng = np.random.default_rng(3)
+    anomalous, mask = synth(image, np.ones((32, 32), bool), rng)
+    inside = anomalous[mask == 1]
+    # I_a = (1 - β) A + β I with A in [0, 1] and β in [0, 0.5): every value within [β I, (1 - β) + β I].
+    assert (inside >= 0).all() and (inside <= 1).all()
+    assert not np.allclose(inside, 100 / 255)
+
+
+def test_masks_stay_inside_the_foreground_of_an_object_image():
+    image, disc = object_image()
+    cfg = SynthesisConfig()
+    fg = foreground_mask(image, cfg)
+    assert (fg & disc).sum() / disc.sum() > 0.9 and (fg & ~disc).sum() / (~disc).sum() < 0.05
+    synth = AnomalySynthesizer(cfg)
+    for seed in range(6):
+        _, mask = synth(image, fg, np.random.default_rng(seed))
+        assert mask.any() and not (mask.astype(bool) & ~fg).any()
+
+
+def test_foreground_policy_auto_object_vs_texture():
+    cfg = SynthesisConfig()
+    objects = [object_image()[0] for _ in range(4)]
+    assert resolve_policy(objects, cfg, ForegroundCache(cfg)) == "object"
+    rng = np.random.default_rng(0)
+    textures = [(rng.random((64, 64, 3)) * 255).astype(np.uint8) for _ in range(4)]
+    assert resolve_policy(textures, cfg, ForegroundCache(cfg)) == "texture"
+    assert resolve_policy(objects, SynthesisConfig(foreground="texture"), ForegroundCache(cfg)) == "texture"
+
+
+def test_foreground_cache_computes_once_and_persists(tmp_path):
+    image, _ = object_image()
+    cfg = SynthesisConfig(foreground_cache_dir=str(tmp_path / "fg"))
+    cache = ForegroundCache(cfg)
+    first = cache.get(image)
+    assert np.array_equal(cache.get(image), first) and cache.computed == 1
+    fresh = ForegroundCache(cfg)  # a new process: reads the disk cache
+    assert np.array_equal(fresh.get(image), first) and fresh.computed == 0
+
+
+def test_pair_dataset_reuses_foregrounds_across_epochs(tiny_tree):
+    cat = load_category(tiny_tree)
+    cfg = SynthesisConfig(foreground="object")
+    cache = ForegroundCache(cfg)
+    pairs = PairDataset(cat.train, 64, AnomalySynthesizer(cfg), seed=0, foregrounds=cache)
+    computed = cache.computed
+    assert computed == len(cat.train)
+    first = [pairs[i][1] for i in range(3)]
+    pairs.set_epoch(1)
+    second = [pairs[i][1] for i in range(3)]
+    pairs.set_epoch(0)
+    again = [pairs[i][1] for i in range(3)]
+    assert cache.computed == computed
+    assert all((a == b).all() for a, b in zip(first, again))
+    assert any((a != b).any() for a, b in zip(first, second))
+    normal, anomalous, mask = pairs[0]
+    assert normal.shape == anomalous.shape == (3, 64, 64) and mask.shape == (1, 64, 64)
+
+
+def test_perlin_noise_and_mask_shapes_for_every_scale():
+    rng = np.random.default_rng(0)
+    for res in (1, 2, 8, 64):
+        assert perlin_noise((48, 48), (res, res), rng).shape == (48, 48)
+    assert perlin_mask(48, rng, 6, 0.5).dtype == bool
+
+
+def test_all_ten_augmenters_keep_shape_and_dtype():
+    texture = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    for aug in AUGMENTERS:
+        out = aug(texture, np.random.default_rng(1))
+        assert out.shape == texture.shape and out.dtype == np.uint8
+
+
+def test_procedural_textures_without_a_folder():
+    source = TextureSource(None)
+    a = source.sample(32, np.random.default_rng(0))
+    assert a.shape == (32, 32, 3) and a.std() > 1
+
+
+@pytest.mark.realdata
+def test_dtd_texture_folder_is_used():
+    folder = SHARED_DATA / "textures" / "dtd10"
+    if not folder.is_dir():
+        pytest.skip(f"texture folder absent at {folder}")
+    source = TextureSource(folder)
+    assert len(source.files) == 1200
+    assert source.sample(32, np.random.default_rng(0)).shape == (32, 32, 3)
+
+
+@pytest.mark.realdata
+def test_tire_is_an_object_and_magnetic_tile_a_texture():
+    cfg = SynthesisConfig()
+    for name, expected in (("tire", "object"), ("magnetic_tile", "texture")):
+        from dmdd.data import read_image
+
+        cat = load_category(real_category(name))
+        images = [read_image(r.image, 128) for r in cat.train[:: max(1, len(cat.train) // 8)][:8]]
+        assert resolve_policy(images, cfg, ForegroundCache(cfg)) == expected
