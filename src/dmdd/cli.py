@@ -1,0 +1,231 @@
+"""``dmdd`` command line: train, test, predict, export, demo. Thin over the Python API.
+
+Errors a user can cause print one line (what, which file, what to do) and exit with status 2; ``--debug`` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from dmdd import __version__
+from dmdd.config import Config, load_config
+from dmdd.errors import DmddError
+
+EPILOG = "Every option also lives in the YAML config (--config); command-line values win. See README.md."
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N (default: config, auto)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def _data_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--data", required=required, help="dataset root (with --category) or a category folder")
+    p.add_argument("--category", help="category under --data; omit when --data is the category folder")
+    p.add_argument("--layout", choices=["auto", "mvtec", "btad", "visa", "mvtec3d"], help="dataset layout (auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmdd", description=__doc__.splitlines()[0], epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"dmdd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train DMDD on one category (or every category of a root)", epilog=EPILOG)
+    _data_args(p, required=False)
+    p.add_argument("--backbone", help="wide_resnet50_2 (paper), resnet18/34/50, efficientnet_lite0/1/2")
+    p.add_argument("--weights", help="local backbone weights file instead of the ImageNet download")
+    p.add_argument("--epochs", type=int, help="number of epochs (default 100)")
+    p.add_argument("--batch-size", type=int, help="normal/anomalous pairs per step (default 16)")
+    p.add_argument("--image-size", type=int, help="input size, a multiple of 32 (default 256)")
+    p.add_argument("--texture-dir", help="texture images for anomaly synthesis, e.g. DTD (default: procedural)")
+    p.add_argument("--seed", type=int, help="one seed reproduces a run on CPU (default 0)")
+    p.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast on CUDA")
+    p.add_argument("--config", help="YAML config file; see `dmdd train --help` options for its fields")
+    p.add_argument("--out", default="runs/dmdd", help="output folder (default runs/dmdd); one sub-folder per category")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt when present")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common(p)
+
+    p = sub.add_parser("test", help="evaluate a checkpoint on a labelled test split; writes metrics and report.html")
+    p.add_argument("checkpoint", help="last.pt written by dmdd train")
+    _data_args(p, required=False)
+    p.add_argument("--out", help="output folder (default: <checkpoint folder>/test)")
+    p.add_argument("--eval-size", type=int, help="size of the pixel metrics (default: config, 256)")
+    _common(p)
+
+    p = sub.add_parser("predict", help="score images; writes overlays, masks, results.csv and results.json")
+    p.add_argument("checkpoint", help="last.pt written by dmdd train")
+    p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--out", default="predictions", help="output folder (default predictions)")
+    p.add_argument("--threshold", type=float, help="image threshold (default: calibrated, in the checkpoint)")
+    p.add_argument("--pixel-threshold", type=float, help="pixel threshold for masks (default: calibrated)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    _common(p)
+
+    p = sub.add_parser("export", help="export the eval forward to ONNX or TorchScript, with a parity check")
+    p.add_argument("checkpoint", help="last.pt written by dmdd train")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="(default onnx)")
+    p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    p = sub.add_parser("demo", help="built-in data, offline: generate, train, evaluate, write the report")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--epochs", type=int, default=15, help="epochs (default 15: a few minutes on 2 CPU cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the training (default 0)")
+    _common(p)
+    return parser
+
+
+def _set(values: dict[str, dict[str, Any]], section: str, key: str, value: Any) -> None:
+    if value is not None:
+        values.setdefault(section, {})[key] = value
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Config file (or defaults) overridden by the command-line options that were given."""
+    cfg = load_config(args.config) if args.config else Config()
+    v: dict[str, dict[str, Any]] = {}
+    for section, key, value in [
+        ("data", "root", args.data), ("data", "category", args.category), ("data", "layout", args.layout),
+        ("model", "backbone", args.backbone), ("model", "weights", args.weights),
+        ("model", "image_size", args.image_size), ("train", "epochs", args.epochs),
+        ("train", "batch_size", args.batch_size), ("train", "seed", args.seed), ("train", "amp", args.amp),
+        ("train", "device", args.device), ("train", "num_threads", args.threads),
+        ("synthesis", "texture_dir", args.texture_dir),
+    ]:  # fmt: skip
+        _set(v, section, key, value)
+    return cfg.replace(**v)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dmdd.data.datasets import detect_layout, list_categories
+    from dmdd.engine import fit
+
+    cfg = resolve_config(args)
+    if cfg.data.root is None:
+        raise DmddError("no data given: pass --data PATH (and --category) or set data.root in the config")
+    root = Path(cfg.data.root)
+    jobs = [(cfg.data.category, Path(args.out))]
+    if cfg.data.category is None and root.is_dir():
+        try:
+            detect_layout(root)
+        except DmddError:
+            categories = list_categories(root)
+            if not categories:
+                raise
+            # A dataset root: every category is an independent job, one after the other.
+            jobs = [(name, Path(args.out) / name) for name in categories]
+    for category, out in jobs:
+        job_cfg = cfg.replace(data={"category": category})
+        ckpt = fit(job_cfg, out, resume=args.resume, progress=not args.no_progress)
+        print(f"checkpoint: {ckpt}")
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from dmdd.checkpoint import config_of, load_checkpoint, restore_model
+    from dmdd.data.datasets import load_category
+    from dmdd.engine import select_device
+    from dmdd.evaluation import evaluate
+    from dmdd.report import write_report
+
+    payload = load_checkpoint(args.checkpoint)
+    cfg = config_of(payload, args.checkpoint)
+    root = args.data or cfg.data.root
+    category = args.category if args.data else cfg.data.category
+    if root is None:
+        raise DmddError("no test data given: pass --data PATH (and --category)")
+    v: dict[str, dict[str, Any]] = {}
+    _set(v, "train", "eval_size", args.eval_size)
+    cfg = cfg.replace(**v)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    device = select_device(args.device or "auto")
+    model, _ = restore_model(args.checkpoint, device)
+    cat = load_category(root, category, args.layout or cfg.data.layout)
+    if not cat.test:
+        raise DmddError(f"no test images found for {cat.root}; expected a test/ folder")
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "test"
+    title = f"DMDD — {cat.name}"
+    result, predictions = evaluate(model, cfg, cat.test, out, title=title, device=device)
+    details = {"checkpoint": args.checkpoint, "data": str(cat.root), "backbone": cfg.model.backbone,
+               "image size": cfg.model.image_size, "epochs trained": payload.get("epoch"),
+               "thresholds": payload.get("thresholds"), "dmdd": __version__}  # fmt: skip
+    report = write_report(out / "report.html", result, predictions, title, details)
+    print((out / "metrics.md").read_text())
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from dmdd.predict import Predictor, expand_inputs
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    paths, problems = expand_inputs(args.images)
+    if not paths and problems:
+        raise DmddError(f"no images to predict: {problems[0]['path']}: {problems[0]['error']}")
+    predictor = Predictor(args.checkpoint, args.device or "auto", args.threshold, args.pixel_threshold)
+    results, failures = predictor.predict_files(paths, args.out, args.batch_size)
+    failures = problems + failures
+    if problems:  # rewrite the summaries so missing inputs are listed too
+        predictor._summaries(results, failures, Path(args.out))
+    flagged = sum(r.anomalous for r in results)
+    print(f"{len(results)} image(s) scored, {flagged} anomalous; results: {Path(args.out) / 'results.csv'}")
+    for fail in failures:
+        print(f"skipped {fail['path']}: {fail['error']}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dmdd.checkpoint import restore_model
+    from dmdd.export import export_onnx, export_torchscript
+
+    model, payload = restore_model(args.checkpoint)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    if args.format == "onnx":
+        report = export_onnx(model, out / "model.onnx", payload.get("thresholds"))
+    else:
+        report = export_torchscript(model, out / "model.torchscript.pt", payload.get("thresholds"))
+    print(json.dumps(report))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dmdd.demo import run_demo
+
+    report = run_demo(Path(args.out), epochs=args.epochs, seed=args.seed, device=args.device or "auto",
+                      threads=args.threads)  # fmt: skip
+    print(f"report: {report}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "export": cmd_export, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except DmddError as exc:
+        if args.debug:
+            raise
+        print(f"dmdd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dmdd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""ONNX and TorchScript export of the eval forward, each checked against eager PyTorch (DESIGN §6).
+
+The exported graph takes RGB images in [0, 1], shape (B, 3, S, S) float32, and normalises inside. Its outputs are
+``pred_score`` (B,) and ``anomaly_map`` (B, 1, S, S). A JSON sidecar (``<file>.json``) holds the input size, the
+calibrated thresholds and the input description, so :mod:`dmdd.inference` needs no training code.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dmdd import __version__
+from dmdd.errors import DmddError
+from dmdd.models.dmdd import DMDD
+
+ONNX_OPSET = 17  # ONNX Runtime >= 1.11, TensorRT 8.5+, OpenVINO 2022.3+ all run opset 17
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(DmddError):
+    """An export failed or its output differs from eager PyTorch."""
+
+
+class _EvalForward(nn.Module):
+    """Eval forward returning a plain tuple (exporters want tuples, not NamedTuples)."""
+
+    def __init__(self, model: DMDD) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(images)
+        return out.pred_score, out.anomaly_map
+
+
+def _example(model: DMDD, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    size = model.cfg.image_size
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def metadata(model: DMDD, thresholds: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "dmdd_version": __version__,
+        "backbone": model.cfg.backbone,
+        "image_size": model.cfg.image_size,
+        "input": "RGB float32 in [0, 1], shape (B, 3, S, S); normalisation happens inside the graph",
+        "outputs": {"pred_score": "(B,)", "anomaly_map": "(B, 1, S, S)"},
+        "thresholds": thresholds,
+    }
+
+
+def _max_diff(reference: tuple[torch.Tensor, torch.Tensor], other: tuple[np.ndarray, np.ndarray]) -> float:
+    return max(float(np.abs(r.numpy() - o).max()) for r, o in zip(reference, other))
+
+
+@torch.inference_mode()
+def _reference(model: DMDD, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(x)
+    return out.pred_score.float(), out.anomaly_map.float()
+
+
+def export_onnx(model: DMDD, path: str | Path, thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Export to ONNX with a dynamic batch axis and check it with ONNX Runtime.
+
+    Returns:
+        A report with the output path and the max abs difference to eager PyTorch.
+
+    Raises:
+        ExportError: when the difference exceeds 1e-4.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    x = _example(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _EvalForward(model).eval(), (x,), str(path), dynamo=False, opset_version=ONNX_OPSET,
+            input_names=["images"], output_names=["pred_score", "anomaly_map"],
+            dynamic_axes={"images": {0: "batch"}, "pred_score": {0: "batch"}, "anomaly_map": {0: "batch"}},
+        )  # fmt: skip
+    meta = metadata(model, thresholds)
+    proto = onnx.load(str(path))
+    for key, value in {"dmdd": json.dumps(meta)}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    from dmdd.inference import OnnxInferencer
+
+    check = _example(model, batch=3, seed=1)
+    diff = _max_diff(_reference(model, check), OnnxInferencer(path).run(check.numpy()))
+    if diff > PARITY_TOLERANCE:
+        raise ExportError(f"ONNX output differs from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE}); file kept at {path}")
+    return {"path": str(path), "format": "onnx", "opset": ONNX_OPSET, "max_abs_diff": diff}
+
+
+def export_torchscript(model: DMDD, path: str | Path, thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Trace the eval forward to TorchScript and check it against eager PyTorch."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(_EvalForward(model).eval(), _example(model), check_trace=False)
+    extra = {"dmdd.json": json.dumps(metadata(model, thresholds))}
+    torch.jit.save(traced, str(path), _extra_files=extra)
+    path.with_suffix(".json").write_text(json.dumps(metadata(model, thresholds), indent=2))
+    loaded = torch.jit.load(str(path))
+    check = _example(model, batch=3, seed=1)
+    with torch.no_grad():
+        got = tuple(t.numpy() for t in loaded(check))
+    diff = _max_diff(_reference(model, check), got)
+    if diff > PARITY_TOLERANCE:
+        raise ExportError(f"TorchScript output differs from PyTorch by {diff:.2e}; file kept at {path}")
+    return {"path": str(path), "format": "torchscript", "max_abs_diff": diff}

@@ -1,0 +1,151 @@
+"""Prediction on unlabelled images: scores, decisions with the calibrated thresholds, maps, overlays, masks."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from dmdd.checkpoint import restore_model
+from dmdd.data.datasets import to_tensor
+from dmdd.data.io import IMAGE_SUFFIXES, MAX_DECODE_PIXELS, image_size_of, list_images, read_image
+from dmdd.engine import select_device
+from dmdd.errors import DmddError, ImageReadError
+from dmdd.evaluation import run_model
+from dmdd.visualize import overlay
+
+
+@dataclass
+class ImageResult:
+    """One predicted image: score, decision and written files."""
+
+    path: str
+    score: float
+    anomalous: bool
+    anomalous_area: float  # share of pixels above the pixel threshold
+    overlay: str
+    mask: str
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[dict[str, str]]]:
+    """Files, folders (their images, sorted) and glob patterns -> (image paths, problems with inputs)."""
+    paths: list[Path] = []
+    problems: list[dict[str, str]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += list_images(p)
+        elif p.is_file():
+            paths.append(p)
+        elif any(ch in item for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            paths += [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
+            if not matches:
+                problems.append({"path": item, "error": "the pattern matches no file"})
+        else:
+            problems.append({"path": item, "error": "no such file or folder"})
+    unique = list(dict.fromkeys(paths))
+    return unique, problems
+
+
+class Predictor:
+    """Load a checkpoint once, then score images.
+
+    Args:
+        checkpoint: a ``last.pt`` written by training.
+        device: ``auto``, ``cpu``, ``cuda``...
+        image_threshold: overrides the calibrated image threshold.
+        pixel_threshold: overrides the calibrated pixel threshold.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        device: str = "auto",
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+    ) -> None:
+        self.device = select_device(device)
+        self.model, payload = restore_model(checkpoint, self.device)
+        self.image_size = self.model.cfg.image_size
+        calibrated = payload.get("thresholds") or {}
+        self.image_threshold = image_threshold if image_threshold is not None else calibrated.get("image")
+        self.pixel_threshold = pixel_threshold if pixel_threshold is not None else calibrated.get("pixel")
+        if self.image_threshold is None or self.pixel_threshold is None:
+            raise DmddError(
+                f"checkpoint {checkpoint} holds no calibrated thresholds (training did not finish); "
+                "pass --threshold and --pixel-threshold or finish training with --resume"
+            )
+
+    def score(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W, 3) uint8 images at the model size -> (scores (N,), maps (N, S, S))."""
+        batch = torch.stack([to_tensor(im) for im in images])
+        return run_model(self.model, batch, self.device)
+
+    def predict_files(self, paths: list[Path], out_dir: str | Path, batch_size: int = 8):
+        """Score files, write overlay and mask PNGs per image plus ``results.csv`` / ``results.json``.
+
+        Unreadable files do not stop the run; they are listed under ``failed``.
+
+        Returns:
+            (results, failures).
+        """
+        out = Path(out_dir)
+        (out / "overlays").mkdir(parents=True, exist_ok=True)
+        (out / "masks").mkdir(parents=True, exist_ok=True)
+        results: list[ImageResult] = []
+        failures: list[dict[str, str]] = []
+        for start in range(0, len(paths), batch_size):
+            loaded = []
+            for path in paths[start : start + batch_size]:
+                try:
+                    loaded.append((path, read_image(path, self.image_size), image_size_of(path)))
+                except ImageReadError as exc:
+                    failures.append({"path": str(path), "error": exc.reason})
+            if not loaded:
+                continue
+            scores, maps = self.score([im for _, im, _ in loaded])
+            for (path, _, hw), score, amap in zip(loaded, scores, maps):
+                results.append(self._write(path, hw, float(score), amap, out, len(results)))
+        self._summaries(results, failures, out)
+        return results, failures
+
+    def _write(self, path: Path, hw: tuple[int, int], score: float, amap: np.ndarray, out: Path, index: int):
+        h, w = hw
+        if h * w > MAX_DECODE_PIXELS:  # huge inputs: outputs at a bounded size
+            scale = (MAX_DECODE_PIXELS / (h * w)) ** 0.5
+            h, w = max(1, int(h * scale)), max(1, int(w * scale))
+        full_map = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
+        mask = full_map >= self.pixel_threshold
+        image = read_image(path, None) if h * w <= MAX_DECODE_PIXELS else None
+        if image is None or image.shape[:2] != (h, w):
+            image = cv2.resize(read_image(path, self.image_size), (w, h), interpolation=cv2.INTER_LINEAR)
+        stem = f"{index:05d}_{path.stem}"
+        overlay_path, mask_path = out / "overlays" / f"{stem}.png", out / "masks" / f"{stem}.png"
+        vmax = max(self.pixel_threshold * 2, float(full_map.max()), 1e-6)
+        cv2.imwrite(str(overlay_path), cv2.cvtColor(overlay(image, full_map, 0.0, vmax), cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(mask_path), mask.astype(np.uint8) * 255)
+        return ImageResult(str(path), score, bool(score >= self.image_threshold), float(mask.mean()),
+                           str(overlay_path), str(mask_path))  # fmt: skip
+
+    def _summaries(self, results: list[ImageResult], failures: list[dict[str, str]], out: Path) -> None:
+        summary = {
+            "image_threshold": self.image_threshold,
+            "pixel_threshold": self.pixel_threshold,
+            "images": [asdict(r) for r in results],
+            "failed": failures,
+        }
+        (out / "results.json").write_text(json.dumps(summary, indent=2))
+        with (out / "results.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(ImageResult.__dataclass_fields__) + ["error"])
+            writer.writeheader()
+            for r in results:
+                writer.writerow(asdict(r) | {"error": ""})
+            for fail in failures:
+                writer.writerow({"path": fail["path"], "error": fail["error"]})
