@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_config
 from dmdd.checkpoint import load_checkpoint, restore_model, save_checkpoint
 from dmdd.data import load_category
-from dmdd import engine
+from dmdd import distributed
 from dmdd.engine import fit, split_holdout
 from dmdd.errors import CheckpointError, TrainingDivergedError
 from dmdd.evaluation import evaluate
@@ -60,8 +60,8 @@ def test_resume_refuses_another_model_configuration(tiny_tree, tmp_path):
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_tree, tmp_path, monkeypatch):
     fit(tiny_config(tiny_tree), tmp_path / "n", progress=False)
     good = (tmp_path / "n/last.pt").read_bytes()
-    real = engine.ngm_loss
-    monkeypatch.setattr(engine, "ngm_loss", lambda *a: real(*a) * float("nan"))
+    real = distributed.ngm_loss
+    monkeypatch.setattr(distributed, "ngm_loss", lambda *a: real(*a) * float("nan"))
     with pytest.raises(TrainingDivergedError, match="loss became nan in epoch 2"):
         fit(tiny_config(tiny_tree, epochs=2), tmp_path / "n", resume=True, progress=False)
     assert (tmp_path / "n/last.pt").read_bytes() == good

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dmdd.config import Config, ModelConfig
-from dmdd.engine import build_optimizers, student_loss
+from dmdd.distributed import student_loss
+from dmdd.engine import build_optimizers
 from dmdd.losses import segmentation_loss
 from dmdd.models import DMDD, InferenceOutput, SegmentationOutput
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     for category, out in jobs:
         job_cfg = cfg.replace(data={"category": category})
         ckpt = fit(job_cfg, out, resume=args.resume, progress=not args.no_progress)
-        print(f"checkpoint: {ckpt}")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+            print(f"checkpoint: {ckpt}")
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from dmdd.checkpoint import load_checkpoint, load_model_state, save_checkpoint
@@ -28,7 +28,14 @@ from dmdd.data.foreground import ForegroundCache
 from dmdd.data.synthesis import AnomalySynthesizer
 from dmdd.errors import CheckpointError, DmddError, TrainingDivergedError
 from dmdd.evaluation import calibrate
-from dmdd.losses import aim_loss, ngm_loss, segmentation_loss
+from dmdd.distributed import (
+    DistContext,
+    SegmentationObjective,
+    StudentObjective,
+    close_distributed,
+    init_distributed,
+    wrap,
+)
 from dmdd.models.dmdd import DMDD
 
 
@@ -72,14 +79,19 @@ def build_optimizers(model: DMDD, cfg: Config) -> tuple[torch.optim.Optimizer, t
     return student, seg
 
 
-def _loader(pairs: PairDataset, cfg: Config, epoch: int, stream: int) -> DataLoader:
+def _loader(pairs: PairDataset, cfg: Config, epoch: int, stream: int, ctx: DistContext) -> DataLoader:
+    """Batches of one epoch; order and pairs derive from (seed, epoch, stream) only, so a resumed run matches."""
     pairs.set_epoch(epoch, stream)
-    generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009 + stream)
+    seed = cfg.train.seed * 1_000_003 + epoch * 1009 + stream
+    sampler = None
+    if ctx.active:  # each process takes its share of one seeded permutation
+        sampler = DistributedSampler(pairs, ctx.world, ctx.rank, shuffle=True, seed=seed)
     return DataLoader(
         pairs,
         batch_size=cfg.train.batch_size,
-        shuffle=True,
-        generator=generator,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(seed),
         num_workers=cfg.train.num_workers,
         drop_last=len(pairs) > cfg.train.batch_size,
     )
@@ -99,26 +111,14 @@ def _check_finite(loss: torch.Tensor, epoch: int, what: str) -> None:
         )
 
 
-def student_loss(model: DMDD, normal: torch.Tensor, anomalous: torch.Tensor, mask: torch.Tensor, cfg: Config):
-    """L_NGM + L_AIM on a batch of pairs; returns (total, ngm, aim) with an unused branch at 0."""
-    fn, fa = model.distill(normal, anomalous)
-    zero = torch.zeros((), device=normal.device)
-    ngm = ngm_loss(fn.teacher, fn.normality, fa.normality) if fn.normality is not None else zero
-    aim = zero
-    if fn.abnormality is not None:
-        aim = aim_loss(fn.teacher, fn.abnormality, torch.zeros_like(mask)) + aim_loss(fa.teacher, fa.abnormality, mask)
-    return cfg.train.ngm_weight * ngm + cfg.train.aim_weight * aim, ngm, aim
-
-
-def train_student_epoch(model, pairs, optimizer, cfg, device, epoch, bar) -> dict[str, float]:
+def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ctx) -> dict[str, float]:
     """One pass over the pairs training student, 1x1 convs and PMN with L_NGM + L_AIM."""
-    model.train()
     sums = {"ngm": 0.0, "aim": 0.0}
     steps = 0
-    for normal, anomalous, mask in _loader(pairs, cfg, epoch, stream=0):
+    for normal, anomalous, mask in _loader(pairs, cfg, epoch, 0, ctx):
         normal, anomalous, mask = normal.to(device), anomalous.to(device), mask.to(device)
         with _autocast(device, cfg.train.amp):
-            loss, ngm, aim = student_loss(model, normal, anomalous, mask, cfg)
+            loss, ngm, aim = objective(normal, anomalous, mask)
         _check_finite(loss, epoch, "student")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -131,12 +131,16 @@ def train_student_epoch(model, pairs, optimizer, cfg, device, epoch, bar) -> dic
     return {k: v / max(steps, 1) for k, v in sums.items()}
 
 
-def _segmentation_batches(pairs, cfg, epoch) -> Iterator:
+def _segmentation_steps(pairs, cfg, ctx) -> int:
+    return cfg.train.seg_steps or math.ceil(len(pairs) / (cfg.train.batch_size * ctx.world))
+
+
+def _segmentation_batches(pairs, cfg, epoch, ctx) -> Iterator:
     """``cfg.train.seg_steps`` batches of fresh pairs (stream 1, 2, ... once a pass is used up)."""
-    steps = cfg.train.seg_steps or math.ceil(len(pairs) / cfg.train.batch_size)
+    steps = _segmentation_steps(pairs, cfg, ctx)
     done, stream = 0, 1
     while True:
-        for batch in _loader(pairs, cfg, epoch, stream):
+        for batch in _loader(pairs, cfg, epoch, stream, ctx):
             if done >= steps:
                 return
             yield batch
@@ -144,17 +148,17 @@ def _segmentation_batches(pairs, cfg, epoch) -> Iterator:
         stream += 1
 
 
-def train_segmentation_epoch(model, pairs, optimizer, cfg, device, epoch, bar) -> dict[str, float]:
+def train_segmentation_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ctx) -> dict[str, float]:
     """Teacher and student frozen; the segmentation head learns from fresh pairs (normal images in every batch)."""
+    model = objective.module._model[0] if ctx.active else objective._model[0]
     model.eval()
     model.segmentation.train()
     total, steps = 0.0, 0
-    for normal, anomalous, mask in _segmentation_batches(pairs, cfg, epoch):
+    for normal, anomalous, mask in _segmentation_batches(pairs, cfg, epoch, ctx):
         images = torch.cat([normal, anomalous]).to(device)
         masks = torch.cat([torch.zeros_like(mask), mask]).to(device)
         with _autocast(device, cfg.train.amp):
-            out = model(images)
-        loss = segmentation_loss(out.logits, out.pred_score, masks)
+            loss = objective(images, masks)
         _check_finite(loss, epoch, "segmentation")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -163,7 +167,7 @@ def train_segmentation_epoch(model, pairs, optimizer, cfg, device, epoch, bar) -
         steps += 1
         bar.update(1)
         bar.set_postfix(epoch=epoch + 1, seg=f"{total / steps:.4f}")
-    model.segmentation.eval()
+    model.train()
     return {"seg": total / max(steps, 1)}
 
 
@@ -201,7 +205,14 @@ def fit(
         resume: continue from ``out_dir/last.pt`` if present.
         progress: show a progress bar.
     """
-    out = Path(out_dir)
+    ctx = init_distributed()
+    try:
+        return _fit(cfg, Path(out_dir), category, resume, progress, ctx)
+    finally:
+        close_distributed(ctx)
+
+
+def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progress: bool, ctx: DistContext) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "last.pt"
     if category is None:
@@ -209,33 +220,41 @@ def fit(
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = select_device(cfg.train.device)
+    if ctx.active and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
     torch.manual_seed(cfg.train.seed)
     model = DMDD(cfg.model).to(device)
     student_opt, seg_opt = build_optimizers(model, cfg)
     state = TrainState(0, [])
     if resume and ckpt_path.is_file():
         state = _restore(ckpt_path, cfg, model, student_opt, seg_opt)
-    save_config(cfg, out / "config.yaml")
+    student_obj = wrap(StudentObjective(model, cfg), ctx, device)
+    seg_obj = wrap(SegmentationObjective(model), ctx, device) if model.segmentation is not None else None
+    model.train()
+    if ctx.is_main:
+        save_config(cfg, out / "config.yaml")
     train_records, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
     synthesizer = AnomalySynthesizer(cfg.synthesis)
     pairs = PairDataset(train_records, cfg.model.image_size, synthesizer, cfg.train.seed, ForegroundCache(cfg.synthesis))
-    seg_steps = (cfg.train.seg_steps or math.ceil(len(pairs) / cfg.train.batch_size)) if model.segmentation else 0
-    steps_per_epoch = len(_loader(pairs, cfg, 0, 0)) + seg_steps
-    bar = tqdm(total=steps_per_epoch * (cfg.train.epochs - state.epoch), disable=not progress, unit="step",
-               desc=f"train {category.name}", dynamic_ncols=True)  # fmt: skip
+    seg_steps = _segmentation_steps(pairs, cfg, ctx) if seg_obj is not None else 0
+    steps_per_epoch = len(_loader(pairs, cfg, 0, 0, ctx)) + seg_steps
+    bar = tqdm(total=steps_per_epoch * (cfg.train.epochs - state.epoch), disable=not (progress and ctx.is_main),
+               unit="step", desc=f"train {category.name}", dynamic_ncols=True)  # fmt: skip
     try:
         with _graceful_signals():
             for epoch in range(state.epoch, cfg.train.epochs):
                 start = time.perf_counter()
-                log = train_student_epoch(model, pairs, student_opt, cfg, device, epoch, bar)
-                if model.segmentation is not None:
-                    log |= train_segmentation_epoch(model, pairs, seg_opt, cfg, device, epoch, bar)
+                log = train_student_epoch(student_obj, pairs, student_opt, cfg, device, epoch, bar, ctx)
+                if seg_obj is not None:
+                    log |= train_segmentation_epoch(seg_obj, pairs, seg_opt, cfg, device, epoch, bar, ctx)
                 log = {"epoch": epoch + 1, **log, "seconds": round(time.perf_counter() - start, 2),
-                       "foreground_policy": pairs.policy}  # fmt: skip
+                       "foreground_policy": pairs.policy, "processes": ctx.world}  # fmt: skip
                 state.epoch, state.history = epoch + 1, [*state.history, log]
-                _save(ckpt_path, cfg, model, student_opt, seg_opt, state)
-                with (out / "train_log.jsonl").open("a") as f:
-                    f.write(json.dumps(log) + "\n")
+                if ctx.is_main:  # rank 0 alone writes; the others wait so every rank sees the same files
+                    _save(ckpt_path, cfg, model, student_opt, seg_opt, state)
+                    with (out / "train_log.jsonl").open("a") as f:
+                        f.write(json.dumps(log) + "\n")
+                ctx.barrier()
     except (KeyboardInterrupt, _StopRequested) as exc:
         bar.close()
         raise DmddError(
@@ -243,9 +262,11 @@ def fit(
             f"{ckpt_path if state.epoch else 'no checkpoint yet'} is usable, rerun with --resume to continue"
         ) from None
     bar.close()
-    # Thresholds from held-out normal training images (all training images when none are held out).
-    thresholds = calibrate(model, holdout or train_records, cfg, device)
-    _save(ckpt_path, cfg, model, student_opt, seg_opt, state, thresholds=thresholds)
+    if ctx.is_main:
+        # Thresholds from held-out normal training images (all training images when none are held out).
+        thresholds = calibrate(model, holdout or train_records, cfg, device)
+        _save(ckpt_path, cfg, model, student_opt, seg_opt, state, thresholds=thresholds)
+    ctx.barrier()
     return ckpt_path
 
 
