@@ -153,10 +153,12 @@ def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
     assert abs(int(read_image(path)[0, 0, 0]) - 127) <= 1
 
 
-def test_mask_thresholds_at_half(tmp_path):
-    arr = np.array([[0, 127], [128, 255]], np.uint8)
+def test_non_binary_mask_is_thresholded_at_half_with_a_warning_naming_it(tmp_path):
+    arr = np.repeat(np.array([[0, 127, 128, 255]], np.uint8), 8, axis=0).repeat(2, axis=1)
     Image.fromarray(arr).save(tmp_path / "m.png")
-    assert read_mask(tmp_path / "m.png").tolist() == [[False, False], [True, True]]
+    with pytest.warns(UserWarning, match=r"mask .*m\.png is not binary"):
+        mask = read_mask(tmp_path / "m.png")
+    assert mask[0].tolist() == [False, False, False, False, True, True, True, True]
 
 
 @pytest.mark.realdata

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 
 from dmdd.errors import DatasetError, ImageReadError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Images larger than this (pixels) are reduced while decoding, before any full-size array exists.
 MAX_DECODE_PIXELS = 4096 * 4096
+MIN_SIDE = 8  # smaller images carry no usable detail at any backbone stride
 
 
 def _open(path: Path) -> Image.Image:
@@ -36,12 +37,11 @@ def _open(path: Path) -> Image.Image:
 def _decode(image: Image.Image, path: Path, max_side: int | None) -> Image.Image:
     """Load pixel data, reducing huge images early (JPEG draft mode, then integer reduce)."""
     w, h = image.size
-    if w < 1 or h < 1:
-        raise ImageReadError(path, f"invalid size {w}x{h}")
-    if max_side is not None and image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
-        image.draft(image.mode, (max_side, max_side))
+    if w < MIN_SIDE or h < MIN_SIDE:
+        raise ImageReadError(path, f"image is {w}x{h} px, smaller than the minimum side of {MIN_SIDE} px")
     try:
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        if max_side is not None and image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
+            image.draft(image.mode, (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale
         image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageReadError(path, f"corrupt or truncated image data ({type(exc).__name__}: {exc})") from exc
@@ -110,6 +110,12 @@ def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None, size
         grey = np.asarray(image.convert("L"), dtype=np.float64)
     if grey.max() <= 1.0 and grey.max() > 0:  # 0/1 masks
         grey = grey * 255.0
+    levels = np.unique(grey)
+    if levels.size > 2 or (levels.size == 2 and levels[0] != 0):
+        warnings.warn(
+            f"mask {path} is not binary ({levels.size} grey levels); pixels >= 128 count as anomalous",
+            stacklevel=2,
+        )
     mask = grey >= 128
     if size is not None and mask.shape != (size, size):
         mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).astype(bool)
