@@ -54,6 +54,15 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[dict[str, str]]]:
     return unique, problems
 
 
+def optimise_for_inference(model: torch.nn.Module, channels_last: bool, compile: bool) -> torch.nn.Module:
+    """Channels-last weights and optional ``torch.compile`` (defaults chosen by benchmarks/inference_speed.py)."""
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model = torch.compile(model)
+    return model
+
+
 class Predictor:
     """Load a checkpoint once, then score images.
 
@@ -62,6 +71,9 @@ class Predictor:
         device: ``auto``, ``cpu``, ``cuda``...
         image_threshold: overrides the calibrated image threshold.
         pixel_threshold: overrides the calibrated pixel threshold.
+        channels_last: run convolutions in channels-last memory format.
+        bf16: bfloat16 autocast (CPU and CUDA); maps differ from float32 by ~1e-2.
+        compile: ``torch.compile`` the model (slow first call).
     """
 
     def __init__(
@@ -70,10 +82,16 @@ class Predictor:
         device: str = "auto",
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
+        channels_last: bool = False,
+        bf16: bool = False,
+        compile: bool = False,
     ) -> None:
         self.device = select_device(device)
-        self.model, payload = restore_model(checkpoint, self.device)
-        self.image_size = self.model.cfg.image_size
+        model, payload = restore_model(checkpoint, self.device)
+        self.model = optimise_for_inference(model, channels_last, compile)
+        self.bf16 = bf16
+        self.channels_last = channels_last
+        self.image_size = model.cfg.image_size
         calibrated = payload.get("thresholds") or {}
         self.image_threshold = image_threshold if image_threshold is not None else calibrated.get("image")
         self.pixel_threshold = pixel_threshold if pixel_threshold is not None else calibrated.get("pixel")
@@ -86,7 +104,10 @@ class Predictor:
     def score(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(H, W, 3) uint8 images at the model size -> (scores (N,), maps (N, S, S))."""
         batch = torch.stack([to_tensor(im) for im in images])
-        return run_model(self.model, batch, self.device)
+        if self.channels_last:
+            batch = batch.to(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return run_model(self.model, batch, self.device)
 
     def predict_files(self, paths: list[Path], out_dir: str | Path, batch_size: int = 8):
         """Score files, write overlay and mask PNGs per image plus ``results.csv`` / ``results.json``.
