@@ -43,13 +43,22 @@ def main() -> None:
         model = DMDD(ModelConfig(backbone=name, pretrained=name.startswith("efficientnet"), image_size=args.size))
         model.eval()
         pmn = sum(count(m) for m in (model.pmn_normality, model.pmn_abnormality) if m is not None)
-        print(json.dumps({
-            "backbone": name, "threads": args.threads, "batch": args.batch, "size": args.size,
-            "params_total_M": round(count(model) / 1e6, 2), "params_teacher_M": round(count(model.teacher) / 1e6, 2),
-            "params_student_M": round(count(model.student) / 1e6, 2), "params_pmn_M": round(pmn / 1e6, 2),
-            "params_msn_k": round(count(model.segmentation) / 1e3, 1),
-            "eval_images_per_s": round(images_per_second(model, args.batch, args.size, args.repeats), 2),
-        }))
+        print(
+            json.dumps(
+                {
+                    "backbone": name,
+                    "threads": args.threads,
+                    "batch": args.batch,
+                    "size": args.size,
+                    "params_total_M": round(count(model) / 1e6, 2),
+                    "params_teacher_M": round(count(model.teacher) / 1e6, 2),
+                    "params_student_M": round(count(model.student) / 1e6, 2),
+                    "params_pmn_M": round(pmn / 1e6, 2),
+                    "params_msn_k": round(count(model.segmentation) / 1e3, 1),
+                    "eval_images_per_s": round(images_per_second(model, args.batch, args.size, args.repeats), 2),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         plain = DMDD(dataclasses.replace(plain_cfg.model, pretrained=False))
         state = {k: v for k, v in model.state_dict().items() if not k.startswith("segmentation.")}
         plain.load_state_dict(state)
-        without_msn, _ = evaluate(plain.eval(), plain_cfg, test, Path(args.out) / "without_msn", args.category + " w/o MSN")
+        without_msn, _ = evaluate(
+            plain.eval(), plain_cfg, test, Path(args.out) / "without_msn", args.category + " w/o MSN"
+        )
     record = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "category": args.category,

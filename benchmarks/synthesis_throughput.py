@@ -1,6 +1,6 @@
 """Throughput of normal/anomalous pair generation at 256 px on real data, cold and warm foreground cache.
 
-    python benchmarks/synthesis_throughput.py --category tire --pairs 64
+python benchmarks/synthesis_throughput.py --category tire --pairs 64
 """
 
 from __future__ import annotations
@@ -40,11 +40,19 @@ def main() -> None:
     for i in range(len(pairs)):
         pairs[i]
     warm = time.perf_counter() - start
-    print(json.dumps({
-        "category": args.category, "size": args.size, "pairs": len(pairs),
-        "cold_pairs_per_s": round(len(pairs) / cold, 2), "grabcut_runs_cold": grabcuts,
-        "warm_pairs_per_s": round(len(pairs) / warm, 2), "grabcut_runs_warm": cache.computed - grabcuts,
-    }))
+    print(
+        json.dumps(
+            {
+                "category": args.category,
+                "size": args.size,
+                "pairs": len(pairs),
+                "cold_pairs_per_s": round(len(pairs) / cold, 2),
+                "grabcut_runs_cold": grabcuts,
+                "warm_pairs_per_s": round(len(pairs) / warm, 2),
+                "grabcut_runs_warm": cache.computed - grabcuts,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

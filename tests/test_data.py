@@ -4,9 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import real_category
 from PIL import Image
 
-from conftest import real_category
 from dmdd.data import AnomalyDataset, detect_layout, load_category, load_folder, read_image, read_mask
 from dmdd.errors import DatasetError, ImageReadError
 

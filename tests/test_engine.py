@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
+from dmdd import distributed
 from dmdd.checkpoint import load_checkpoint, restore_model, save_checkpoint
 from dmdd.data import load_category
-from dmdd import distributed
 from dmdd.engine import fit, split_holdout
 from dmdd.errors import CheckpointError, TrainingDivergedError
 from dmdd.evaluation import evaluate

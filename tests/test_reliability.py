@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import tiny_config
 from dmdd.checkpoint import load_checkpoint, save_checkpoint
 from dmdd.data import load_category, read_image
 from dmdd.engine import fit
@@ -46,7 +46,9 @@ def test_10000_pixel_image_is_reduced_early(tmp_path, suffix):
     path = tmp_path / f"huge{suffix}"
     Image.new("L", (10000, 10000), 90).save(path)
     baseline = _peak_rss_of("import dmdd.data.io")
-    peak = _peak_rss_of(f"from dmdd.data.io import read_image; a = read_image({str(path)!r}, 256); assert a.shape == (256, 256, 3)")
+    peak = _peak_rss_of(
+        f"from dmdd.data.io import read_image; a = read_image({str(path)!r}, 256); assert a.shape == (256, 256, 3)"
+    )
     # A full RGB decode would need 300 MB for the array alone (plus copies); grey decoding + early reduce stays small.
     assert peak - baseline < 250, f"reading used {peak - baseline:.0f} MiB"
 
@@ -105,8 +107,8 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def _train_cmd(tree: Path, out: Path, epochs: int) -> list[str]:
-    return [sys.executable, "-m", "dmdd.cli", "train", "--data", str(tree), "--backbone", "efficientnet_lite0",
-            "--image-size", "64", "--epochs", str(epochs), "--batch-size", "1", "--no-progress", "--out", str(out)]  # fmt: skip
+    flags = ["--image-size", "64", "--epochs", str(epochs), "--batch-size", "1", "--no-progress", "--out", str(out)]
+    return [sys.executable, "-m", "dmdd.cli", "train", "--data", str(tree), "--backbone", "efficientnet_lite0", *flags]
 
 
 def _interrupt_after_first_epoch(cmd: list[str], log: Path, sig: int) -> subprocess.CompletedProcess:

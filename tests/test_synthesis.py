@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA, real_category
+
 from dmdd.config import SynthesisConfig
 from dmdd.data import AnomalySynthesizer, PairDataset, TextureSource, load_category
 from dmdd.data.foreground import ForegroundCache, foreground_mask, resolve_policy

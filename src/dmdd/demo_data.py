@@ -21,12 +21,19 @@ def _surface(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size] / size
     if kind == "metal":
         streaks = cv2.GaussianBlur(rng.normal(0, 1, (size, 1)).repeat(size, axis=1).astype(np.float32), (0, 0), 0.7)
-        base = 0.55 + 0.04 * streaks + 0.05 * perlin_noise((size, size), (2, 2), rng) + 0.02 * rng.normal(size=(size, size))
+        base = (
+            0.55
+            + 0.04 * streaks
+            + 0.05 * perlin_noise((size, size), (2, 2), rng)
+            + 0.02 * rng.normal(size=(size, size))
+        )
         tint = np.array([1.0, 1.0, 1.03])
     else:  # fabric
         period = 8 + rng.uniform(-0.3, 0.3)
         weave = np.sin(2 * np.pi * size * xx / period) * np.sin(2 * np.pi * size * yy / period)
-        base = 0.45 + 0.08 * weave + 0.03 * perlin_noise((size, size), (4, 4), rng) + 0.015 * rng.normal(size=(size, size))
+        base = (
+            0.45 + 0.08 * weave + 0.03 * perlin_noise((size, size), (4, 4), rng) + 0.015 * rng.normal(size=(size, size))
+        )
         tint = np.array([0.85, 0.95, 1.1])
     return np.clip(base[..., None] * tint, 0, 1)
 

@@ -26,8 +26,6 @@ from dmdd.config import Config, save_config
 from dmdd.data.datasets import Category, PairDataset, Record, load_category
 from dmdd.data.foreground import ForegroundCache
 from dmdd.data.synthesis import AnomalySynthesizer
-from dmdd.errors import CheckpointError, DmddError, TrainingDivergedError
-from dmdd.evaluation import calibrate
 from dmdd.distributed import (
     DistContext,
     SegmentationObjective,
@@ -36,6 +34,8 @@ from dmdd.distributed import (
     init_distributed,
     wrap,
 )
+from dmdd.errors import CheckpointError, DmddError, TrainingDivergedError
+from dmdd.evaluation import calibrate
 from dmdd.models.dmdd import DMDD
 
 
@@ -235,7 +235,9 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
         save_config(cfg, out / "config.yaml")
     train_records, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
     synthesizer = AnomalySynthesizer(cfg.synthesis)
-    pairs = PairDataset(train_records, cfg.model.image_size, synthesizer, cfg.train.seed, ForegroundCache(cfg.synthesis))
+    pairs = PairDataset(
+        train_records, cfg.model.image_size, synthesizer, cfg.train.seed, ForegroundCache(cfg.synthesis)
+    )
     seg_steps = _segmentation_steps(pairs, cfg, ctx) if seg_obj is not None else 0
     steps_per_epoch = len(_loader(pairs, cfg, 0, 0, ctx)) + seg_steps
     bar = tqdm(total=steps_per_epoch * (cfg.train.epochs - state.epoch), disable=not (progress and ctx.is_main),

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from dmdd import metrics
 from dmdd.config import Config
-from dmdd.data.datasets import AnomalyDataset, PairDataset, Record, to_tensor
+from dmdd.data.datasets import AnomalyDataset, PairDataset, Record
 from dmdd.data.foreground import ForegroundCache
 from dmdd.data.io import read_image
 from dmdd.data.synthesis import AnomalySynthesizer
@@ -161,7 +161,9 @@ def metrics_markdown(result: dict[str, Any], title: str) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
-def write_overlays(p: Predictions, records: list[Record], out_dir: Path, image_size: int, per_type: int = 3) -> list[Path]:
+def write_overlays(
+    p: Predictions, records: list[Record], out_dir: Path, image_size: int, per_type: int = 3
+) -> list[Path]:
     """Save image | ground truth | anomaly map panels for the first ``per_type`` test images of each type."""
     out_dir.mkdir(parents=True, exist_ok=True)
     by_path = {str(r.image): r for r in records}
@@ -185,9 +187,6 @@ def write_metrics(result: dict[str, Any], out_dir: Path, title: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     (out_dir / "metrics.md").write_text(metrics_markdown(result, title))
-
-
-
 
 
 def evaluate(

@@ -234,9 +234,9 @@ class AnomalyDataset(Dataset):
 class PairDataset(Dataset):
     """Training pairs (normal image, synthetic anomalous image, mask), each (3|1, S, S) float in [0, 1].
 
-    Images are decoded and resized once; foreground masks are computed once per image (cached). The pair of
-    index ``i`` in epoch ``e`` draws from ``numpy.random.default_rng([seed, e, stream, i])``, so it is the same whatever the
-    worker count or the order of access.
+    Images are decoded and resized once; foreground masks are computed once per image (cached). The pair of index
+    ``i`` in epoch ``e`` draws from ``numpy.random.default_rng([seed, e, stream, i])``, so it is the same whatever
+    the worker count or the order of access.
     """
 
     def __init__(

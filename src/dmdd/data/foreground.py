@@ -43,7 +43,9 @@ def foreground_mask(image: np.ndarray, cfg: SynthesisConfig) -> np.ndarray:
     """
     h, w = image.shape[:2]
     scale = min(1.0, cfg.grabcut_size / max(h, w))
-    small = image if scale == 1.0 else cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    small = (
+        image if scale == 1.0 else cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    )
     low, high = cfg.min_foreground_coverage, 1.0 - cfg.min_foreground_coverage
     for method in (lambda: grabcut_foreground(small, cfg.grabcut_iterations), lambda: otsu_foreground(small)):
         fg = method()
@@ -67,7 +69,9 @@ class ForegroundCache:
 
     def _key(self, image: np.ndarray) -> str:
         h = hashlib.sha1(image.tobytes())
-        h.update(f"{image.shape}-{self.cfg.grabcut_iterations}-{self.cfg.grabcut_size}-{self.cfg.min_foreground_coverage}".encode())
+        h.update(
+            f"{image.shape}-{self.cfg.grabcut_iterations}-{self.cfg.grabcut_size}-{self.cfg.min_foreground_coverage}".encode()
+        )
         return h.hexdigest()
 
     def get(self, image: np.ndarray) -> np.ndarray:

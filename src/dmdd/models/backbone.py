@@ -97,8 +97,7 @@ def load_state_dict_file(model: nn.Module, path: str, name: str) -> None:
     except (RuntimeError, TypeError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise BackboneError(
-            f"weights file {file} does not match backbone {name!r} ({first}); "
-            "pass the weights of the same architecture"
+            f"weights file {file} does not match backbone {name!r} ({first}); pass the weights of the same architecture"
         ) from exc
 
 

@@ -67,9 +67,7 @@ class DMDD(nn.Module):
         )
         self.num_maps = 4 * (int(self.use_normality) + int(self.use_abnormality))
         self.segmentation = (
-            SegmentationHead(self.num_maps, cfg.image_size, cfg.seg_channels, cfg.multi_perception)
-            if cfg.msn
-            else None
+            SegmentationHead(self.num_maps, cfg.image_size, cfg.seg_channels, cfg.multi_perception) if cfg.msn else None
         )
         self.train()
 
