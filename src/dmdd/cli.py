@@ -181,7 +181,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     results, failures = predictor.predict_files(paths, args.out, args.batch_size)
     failures = problems + failures
     if problems:  # rewrite the summaries so missing inputs are listed too
-        predictor._summaries(results, failures, Path(args.out))
+        predictor.write_summaries(results, failures, Path(args.out))
     flagged = sum(r.anomalous for r in results)
     print(f"{len(results)} image(s) scored, {flagged} anomalous; results: {Path(args.out) / 'results.csv'}")
     for fail in failures:

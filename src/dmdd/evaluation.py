@@ -161,9 +161,7 @@ def metrics_markdown(result: dict[str, Any], title: str) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
-def write_overlays(
-    p: Predictions, records: list[Record], out_dir: Path, image_size: int, per_type: int = 3
-) -> list[Path]:
+def write_overlays(p: Predictions, records: list[Record], out_dir: Path, per_type: int = 3) -> list[Path]:
     """Save image | ground truth | anomaly map panels for the first ``per_type`` test images of each type."""
     out_dir.mkdir(parents=True, exist_ok=True)
     by_path = {str(r.image): r for r in records}
@@ -210,5 +208,5 @@ def evaluate(
         out = Path(out_dir)
         write_metrics(result, out, title)
         if overlays_per_type:
-            write_overlays(predictions, records, out / "overlays", cfg.model.image_size, overlays_per_type)
+            write_overlays(predictions, records, out / "overlays", overlays_per_type)
     return result, predictions

@@ -134,7 +134,7 @@ class Predictor:
             scores, maps = self.score([im for _, im, _ in loaded])
             for (path, _, hw), score, amap in zip(loaded, scores, maps):
                 results.append(self._write(path, hw, float(score), amap, out, len(results)))
-        self._summaries(results, failures, out)
+        self.write_summaries(results, failures, out)
         return results, failures
 
     def _write(self, path: Path, hw: tuple[int, int], score: float, amap: np.ndarray, out: Path, index: int):
@@ -155,7 +155,8 @@ class Predictor:
         return ImageResult(str(path), score, bool(score >= self.image_threshold), float(mask.mean()),
                            str(overlay_path), str(mask_path))  # fmt: skip
 
-    def _summaries(self, results: list[ImageResult], failures: list[dict[str, str]], out: Path) -> None:
+    def write_summaries(self, results: list[ImageResult], failures: list[dict[str, str]], out: Path) -> None:
+        """Write ``results.json`` and ``results.csv`` (one row per image, then one per failure)."""
         summary = {
             "image_threshold": self.image_threshold,
             "pixel_threshold": self.pixel_threshold,
