@@ -15,6 +15,33 @@ import yaml
 from dmdd.errors import ConfigError
 
 Branches = Literal["both", "normality", "abnormality"]
+
+
+def _coerce_fields(obj: object) -> None:
+    """Check and convert option values by their annotated type.
+
+    YAML reads ``1e-4`` as a string and ``5`` as an int; a float option accepts both numbers and numeric strings, an
+    int option only whole numbers, a bool option only true/false. Anything else is a ``ConfigError`` naming the option.
+    """
+    section = type(obj).__name__.removesuffix("Config").lower() or "config"
+    for f in fields(obj):
+        value, kind = getattr(obj, f.name), str(f.type)
+        if value is None and "None" in kind:
+            continue
+        name = f"{section}.{f.name}"
+        if kind.startswith("float"):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        elif kind.startswith("int"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        elif kind == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        object.__setattr__(obj, f.name, value)
+
+
 ForegroundPolicy = Literal["auto", "object", "texture"]
 
 
@@ -55,6 +82,7 @@ class ModelConfig:
     student_bn_frozen: bool = True
 
     def __post_init__(self) -> None:
+        _coerce_fields(self)
         if self.image_size < 32 or self.image_size % 32:
             raise ConfigError(f"model.image_size must be a positive multiple of 32, got {self.image_size}")
         if self.branches not in ("both", "normality", "abnormality"):
@@ -101,6 +129,7 @@ class SynthesisConfig:
     foreground_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        _coerce_fields(self)
         if self.foreground not in ("auto", "object", "texture"):
             raise ConfigError(f"synthesis.foreground must be auto|object|texture, got {self.foreground!r}")
         if not 0 <= self.beta_max < 1:
@@ -150,7 +179,11 @@ class TrainConfig:
     eval_size: int = 256
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "betas", tuple(self.betas))
+        _coerce_fields(self)
+        try:
+            object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        except (TypeError, ValueError):
+            raise ConfigError(f"train.betas must be two numbers, got {self.betas!r}") from None
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("train.epochs and train.batch_size must be >= 1")
         if not 0 <= self.holdout_fraction < 1:
