@@ -107,6 +107,8 @@ def test_user_errors_print_one_line_and_exit_nonzero(argv, message, trained, tin
     bogus.write_bytes(b"garbage")
     subst = {"{tree}": str(tiny_tree), "{bogus}": str(bogus), "{ckpt}": str(trained / "last.pt")}
     argv = [subst.get(a, a) for a in argv]
+    if argv[0] == "train":
+        argv += ["--out", str(tmp_path / "out")]  # never write into the working directory
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dmdd: error:") and message in err and len(err.splitlines()) == 1
