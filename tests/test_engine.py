@@ -102,3 +102,13 @@ def test_holdout_is_seeded_and_disjoint(tiny_tree):
     train, held = split_holdout(records, 0.25, seed=3)
     assert len(held) == 2 and not set(train) & set(held)
     assert split_holdout(records, 0.25, seed=3) == (train, held)
+
+
+def test_student_training_does_not_depend_on_the_msn(tiny_tree, tmp_path):
+    """The "w/o MSN" evaluation of a trained student equals a run with the MSN switched off."""
+    with_msn = load_checkpoint(fit(tiny_config(tiny_tree, epochs=2), tmp_path / "msn", progress=False))
+    cfg = tiny_config(tiny_tree, epochs=2).replace(model={"msn": False})
+    without = load_checkpoint(fit(cfg, tmp_path / "plain", progress=False))
+    assert set(without["model"]) < set(with_msn["model"])
+    for k, v in without["model"].items():
+        assert torch.equal(v, with_msn["model"][k]), k
