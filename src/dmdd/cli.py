@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="image threshold (default: calibrated, in the checkpoint)")
     p.add_argument("--pixel-threshold", type=float, help="pixel threshold for masks (default: calibrated)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast: faster, maps less exact")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first batch)")
     _common(p)
 
     p = sub.add_parser("export", help="export the eval forward to ONNX or TorchScript, with a parity check")
@@ -177,7 +179,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths, problems = expand_inputs(args.images)
     if not paths and problems:
         raise DmddError(f"no images to predict: {problems[0]['path']}: {problems[0]['error']}")
-    predictor = Predictor(args.checkpoint, args.device or "auto", args.threshold, args.pixel_threshold)
+    predictor = Predictor(args.checkpoint, args.device or "auto", args.threshold, args.pixel_threshold,
+                          bf16=args.bf16, compile=args.compile)  # fmt: skip
     results, failures = predictor.predict_files(paths, args.out, args.batch_size)
     failures = problems + failures
     if problems:  # rewrite the summaries so missing inputs are listed too
