@@ -10,9 +10,10 @@ import contextlib
 import json
 import math
 import signal
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ class TrainState:
     """What a run needs besides the model; saved in every checkpoint."""
 
     epoch: int = 0
-    history: list[dict[str, Any]] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def build_optimizers(model: DMDD, cfg: Config) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
@@ -148,9 +149,8 @@ def _segmentation_batches(pairs, cfg, epoch, ctx) -> Iterator:
         stream += 1
 
 
-def train_segmentation_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ctx) -> dict[str, float]:
+def train_segmentation_epoch(model, objective, pairs, optimizer, cfg, device, epoch, bar, ctx) -> dict[str, float]:
     """Teacher and student frozen; the segmentation head learns from fresh pairs (normal images in every batch)."""
-    model = objective.module._model[0] if ctx.active else objective._model[0]
     model.eval()
     model.segmentation.train()
     total, steps = 0.0, 0
@@ -182,6 +182,9 @@ def _graceful_signals() -> Iterator[None]:
     def handler(signum, frame):  # noqa: ANN001
         raise _StopRequested(signal.Signals(signum).name)
 
+    if threading.current_thread() is not threading.main_thread():  # signals can only be handled there
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
@@ -225,7 +228,7 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     torch.manual_seed(cfg.train.seed)
     model = DMDD(cfg.model).to(device)
     student_opt, seg_opt = build_optimizers(model, cfg)
-    state = TrainState(0, [])
+    state = TrainState()
     if resume and ckpt_path.is_file():
         state = _restore(ckpt_path, cfg, model, student_opt, seg_opt)
     student_obj = wrap(StudentObjective(model, cfg), ctx, device)
@@ -248,7 +251,7 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
                 start = time.perf_counter()
                 log = train_student_epoch(student_obj, pairs, student_opt, cfg, device, epoch, bar, ctx)
                 if seg_obj is not None:
-                    log |= train_segmentation_epoch(seg_obj, pairs, seg_opt, cfg, device, epoch, bar, ctx)
+                    log |= train_segmentation_epoch(model, seg_obj, pairs, seg_opt, cfg, device, epoch, bar, ctx)
                 log = {"epoch": epoch + 1, **log, "seconds": round(time.perf_counter() - start, 2),
                        "foreground_policy": pairs.policy, "processes": ctx.world}  # fmt: skip
                 state.epoch, state.history = epoch + 1, [*state.history, log]
