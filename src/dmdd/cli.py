@@ -133,13 +133,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from dmdd.checkpoint import config_of, load_checkpoint, restore_model
+    from dmdd.checkpoint import config_of, restore_model
     from dmdd.data.datasets import load_category
     from dmdd.engine import select_device
     from dmdd.evaluation import evaluate
     from dmdd.report import write_report
 
-    payload = load_checkpoint(args.checkpoint)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    device = select_device(args.device or "auto")
+    model, payload = restore_model(args.checkpoint, device)
     cfg = config_of(payload, args.checkpoint)
     root = args.data or cfg.data.root
     category = args.category if args.data else cfg.data.category
@@ -148,12 +153,6 @@ def cmd_test(args: argparse.Namespace) -> int:
     v: dict[str, dict[str, Any]] = {}
     _set(v, "train", "eval_size", args.eval_size)
     cfg = cfg.replace(**v)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    device = select_device(args.device or "auto")
-    model, _ = restore_model(args.checkpoint, device)
     cat = load_category(root, category, args.layout or cfg.data.layout)
     if not cat.test:
         raise DmddError(f"no test images found for {cat.root}; expected a test/ folder")
