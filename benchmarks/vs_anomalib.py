@@ -320,15 +320,20 @@ def speed_only() -> dict:
     patchcore = PatchcoreModel(backbone="tf_efficientnet_lite0", layers=["blocks.2", "blocks.4"]).eval()
     patchcore.memory_bank = torch.randn(2150, 152, generator=torch.Generator().manual_seed(0))  # the run's bank size
 
-    def run(model, norm):
+    def run(model, norm, channels_last):
         def forward(x):
-            out = model(normalise(x) if norm else x)
+            x = normalise(x) if norm else x
+            out = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
             return out.pred_score, out.anomaly_map
 
         return forward
 
-    return {name: throughput(run(m, norm)) for name, m, norm in
-            [("dmdd", dmdd_model, False), ("stfpm", stfpm, True), ("patchcore", patchcore, True)]}  # fmt: skip
+    models = [("dmdd", dmdd_model, False), ("stfpm", stfpm, True), ("patchcore", patchcore, True)]
+    result = {name: throughput(run(m, norm, False)) for name, m, norm in models}
+    for name, m, norm in models:
+        m.to(memory_format=torch.channels_last)
+        result[f"{name} channels-last"] = throughput(run(m, norm, True))
+    return result
 
 
 if __name__ == "__main__" and "--speed-only" in sys.argv:
