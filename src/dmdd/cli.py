@@ -180,10 +180,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise DmddError(f"no images to predict: {problems[0]['path']}: {problems[0]['error']}")
     predictor = Predictor(args.checkpoint, args.device or "auto", args.threshold, args.pixel_threshold,
                           bf16=args.bf16, compile=args.compile)  # fmt: skip
-    results, failures = predictor.predict_files(paths, args.out, args.batch_size)
-    failures = problems + failures
-    if problems:  # rewrite the summaries so missing inputs are listed too
-        predictor.write_summaries(results, failures, Path(args.out))
+    results, failures = predictor.predict_files(paths, args.out, args.batch_size, failures=problems)
     flagged = sum(r.anomalous for r in results)
     print(f"{len(results)} image(s) scored, {flagged} anomalous; results: {Path(args.out) / 'results.csv'}")
     for fail in failures:

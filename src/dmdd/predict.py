@@ -14,7 +14,7 @@ import torch
 
 from dmdd.checkpoint import restore_model
 from dmdd.data.datasets import to_tensor
-from dmdd.data.io import IMAGE_SUFFIXES, MAX_DECODE_PIXELS, image_size_of, list_images, read_image
+from dmdd.data.io import IMAGE_SUFFIXES, list_images, read_image, resize_square
 from dmdd.engine import select_device
 from dmdd.errors import DmddError, ImageReadError
 from dmdd.evaluation import run_model
@@ -110,10 +110,17 @@ class Predictor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return run_model(self.model, batch, self.device)
 
-    def predict_files(self, paths: list[Path], out_dir: str | Path, batch_size: int = 8):
+    def predict_files(
+        self,
+        paths: list[Path],
+        out_dir: str | Path,
+        batch_size: int = 8,
+        failures: list[dict[str, str]] | None = None,
+    ):
         """Score files, write overlay and mask PNGs per image plus ``results.csv`` / ``results.json``.
 
-        Unreadable files do not stop the run; they are listed under ``failed``.
+        Each file is decoded once (huge images already reduced while decoding). Unreadable files do not stop the
+        run; they are listed under ``failed`` after any ``failures`` passed in (e.g. inputs that did not exist).
 
         Returns:
             (results, failures).
@@ -122,32 +129,27 @@ class Predictor:
         (out / "overlays").mkdir(parents=True, exist_ok=True)
         (out / "masks").mkdir(parents=True, exist_ok=True)
         results: list[ImageResult] = []
-        failures: list[dict[str, str]] = []
+        failures = list(failures or [])
         for start in range(0, len(paths), batch_size):
             loaded = []
             for path in paths[start : start + batch_size]:
                 try:
-                    loaded.append((path, read_image(path, self.image_size), image_size_of(path)))
+                    loaded.append((path, read_image(path)))
                 except ImageReadError as exc:
                     failures.append({"path": str(path), "error": exc.reason})
             if not loaded:
                 continue
-            scores, maps = self.score([im for _, im, _ in loaded])
-            for (path, _, hw), score, amap in zip(loaded, scores, maps):
-                results.append(self._write(path, hw, float(score), amap, out, len(results)))
+            scores, maps = self.score([resize_square(image, self.image_size) for _, image in loaded])
+            for (path, image), score, amap in zip(loaded, scores, maps):
+                results.append(self._write(path, image, float(score), amap, out, len(results)))
         self.write_summaries(results, failures, out)
         return results, failures
 
-    def _write(self, path: Path, hw: tuple[int, int], score: float, amap: np.ndarray, out: Path, index: int):
-        h, w = hw
-        if h * w > MAX_DECODE_PIXELS:  # huge inputs: outputs at a bounded size
-            scale = (MAX_DECODE_PIXELS / (h * w)) ** 0.5
-            h, w = max(1, int(h * scale)), max(1, int(w * scale))
+    def _write(self, path: Path, image: np.ndarray, score: float, amap: np.ndarray, out: Path, index: int):
+        """Overlay and mask at the decoded image's size (the original size unless it was reduced as huge)."""
+        h, w = image.shape[:2]
         full_map = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
         mask = full_map >= self.pixel_threshold
-        image = read_image(path, None) if h * w <= MAX_DECODE_PIXELS else None
-        if image is None or image.shape[:2] != (h, w):
-            image = cv2.resize(read_image(path, self.image_size), (w, h), interpolation=cv2.INTER_LINEAR)
         stem = f"{index:05d}_{path.stem}"
         overlay_path, mask_path = out / "overlays" / f"{stem}.png", out / "masks" / f"{stem}.png"
         vmax = max(self.pixel_threshold * 2, float(full_map.max()), 1e-6)

@@ -78,9 +78,15 @@ def read_image(path: str | Path, size: int | None = None) -> np.ndarray:
     path = Path(path)
     image = _decode(_open(path), path, size)
     arr = _to_uint8_rgb(image)
-    if size is not None and arr.shape[:2] != (size, size):
-        arr = cv2.resize(arr, (size, size), interpolation=cv2.INTER_AREA if arr.shape[0] > size else cv2.INTER_LINEAR)
-    return arr
+    return arr if size is None else resize_square(arr, size)
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) -> (size, size, 3): area averaging when shrinking, bilinear when enlarging."""
+    if image.shape[:2] == (size, size):
+        return image
+    shrink = image.shape[0] > size
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None, size: int | None = None) -> np.ndarray:
