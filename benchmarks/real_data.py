@@ -21,8 +21,8 @@ import yaml
 from dmdd.checkpoint import restore_model
 from dmdd.config import Config
 from dmdd.data import load_category
-from dmdd.engine import fit
-from dmdd.evaluation import evaluate
+from dmdd.engine import fit, split_holdout
+from dmdd.evaluation import evaluate, fit_map_statistics
 from dmdd.models import DMDD
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--category", required=True)
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--epochs", type=int, default=100, help="training length unless --steps or --minutes is given")
+    p.add_argument("--steps", type=int, default=0, help="training length in student steps")
+    p.add_argument("--minutes", type=float, default=0.0, help="training length as a wall-clock budget")
+    p.add_argument("--snapshot-every", type=int, default=0, help="keep a model copy every N steps (learning curves)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--set", action="append", default=[], help="SECTION.OPTION=VALUE, e.g. train.lr_pretrained=1e-4")
     p.add_argument("--out", required=True)
@@ -51,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(args.set)
     cfg = Config().replace(
         model={"backbone": args.backbone, **overrides.get("model", {})},
-        train={"epochs": args.epochs, "num_threads": args.threads, **overrides.get("train", {})},
+        train={"epochs": args.epochs, "steps": args.steps, "minutes": args.minutes,
+               "snapshot_every": args.snapshot_every, "num_threads": args.threads,
+               **overrides.get("train", {})},  # fmt: skip
         synthesis={"texture_dir": str(Path(args.data) / "textures" / "dtd10"), **overrides.get("synthesis", {})},
         data={"root": args.data, "category": args.category},
     )
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     model, payload = restore_model(ckpt)
     start = time.perf_counter()
     test = load_category(args.data, args.category).test
-    result, _ = evaluate(model, cfg, test, args.out, title=args.category)
+    result, _ = evaluate(model, cfg, test, args.out, title=args.category, thresholds=payload.get("thresholds"))
     eval_s = time.perf_counter() - start
     without_msn = None
     if args.also_without_msn and cfg.model.msn:
@@ -70,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         # Student training never depends on the MSN (separate RNG streams), so this equals a run with msn off.
         plain_cfg = cfg.replace(model={"msn": False})
         plain = DMDD(dataclasses.replace(plain_cfg.model, pretrained=False))
-        state = {k: v for k, v in model.state_dict().items() if not k.startswith("segmentation.")}
-        plain.load_state_dict(state)
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(("segmentation.", "map_"))}
+        plain.load_state_dict(state, strict=False)
+        # Its maps are not pyramid-fused, so their statistics are refitted on the same held-out good images.
+        holdout = split_holdout(load_category(args.data, args.category).train, cfg.train.holdout_fraction,
+                                cfg.train.seed)[1]  # fmt: skip
+        fit_map_statistics(plain, holdout, plain_cfg, torch.device("cpu"))
         without_msn, _ = evaluate(
             plain.eval(), plain_cfg, test, Path(args.out) / "without_msn", args.category + " w/o MSN"
         )
@@ -84,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "thresholds": payload.get("thresholds"),
         "overall": result["overall"],
+        "operating_point": result.get("operating_point"),
         "per_defect_type": result["per_defect_type"],
         "without_msn": without_msn,
         "config": cfg.to_dict(),

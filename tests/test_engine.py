@@ -1,6 +1,7 @@
 """End-to-end training and evaluation on a generated 64 px tree; checkpoints, resume, divergence."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -111,4 +112,43 @@ def test_student_training_does_not_depend_on_the_msn(tiny_tree, tmp_path):
     without = load_checkpoint(fit(cfg, tmp_path / "plain", progress=False))
     assert set(without["model"]) < set(with_msn["model"])
     for k, v in without["model"].items():
+        if k.startswith("map_"):  # statistics of the fused maps: the fusion differs by design
+            continue
         assert torch.equal(v, with_msn["model"][k]), k
+
+
+def test_step_budget_stops_mid_epoch_and_keeps_snapshots(tiny_tree, tmp_path):
+    cfg = tiny_config(tiny_tree, epochs=50, steps=3, snapshot_every=2)
+    ckpt = fit(cfg, tmp_path / "s", progress=False)
+    payload = load_checkpoint(ckpt)
+    steps_per_epoch = payload["history"][0]["step"]
+    assert payload["step"] == 3 and payload["total_steps"] == 3
+    assert payload["epoch"] == -(-3 // steps_per_epoch)  # ceil: the last epoch is partial
+    snaps = sorted(p.name for p in (tmp_path / "s/snapshots").glob("*.pt"))
+    assert snaps[-1] == "step_000003.pt" and len(snaps) >= 2
+    model, snap = restore_model(tmp_path / "s/snapshots" / snaps[-1])
+    assert snap["step"] == 3 and "optimizer_student" not in snap
+    assert torch.equal(model.map_std, payload["model"]["map_std"])
+    assert not torch.equal(model.map_std, torch.ones_like(model.map_std))  # fitted on the held-out images
+
+
+def test_minutes_budget_is_fixed_after_the_first_epoch(tiny_tree, tmp_path, monkeypatch):
+    from dmdd import engine
+
+    monkeypatch.setattr(engine, "steps_for_minutes", lambda minutes, seconds, steps: steps + 1)
+    payload = load_checkpoint(fit(tiny_config(tiny_tree, minutes=0.01), tmp_path / "m", progress=False))
+    first = payload["history"][0]["step"]
+    assert payload["total_steps"] == first + 1 and payload["step"] == first + 1
+    assert engine.planned_steps(tiny_config(tiny_tree, minutes=5.0), 4) == 0
+
+
+def test_steps_for_minutes_and_learning_rate_schedule(tiny_tree):
+    from dmdd.engine import lr_factor, steps_for_minutes
+
+    assert steps_for_minutes(2.0, seconds=30.0, steps=10) == 40  # 10 steps in 30 s -> 120 s hold 40
+    assert steps_for_minutes(0.001, seconds=30.0, steps=10) == 10  # never below what is done
+    cosine = tiny_config(tiny_tree, lr_schedule="cosine", warmup_steps=4)
+    assert lr_factor(cosine, 0, 100) == pytest.approx(0.25 * 0.5 * (1 + math.cos(0)))
+    assert lr_factor(cosine, 50, 100) == pytest.approx(0.5)
+    assert lr_factor(cosine, 100, 100) == pytest.approx(0.0)
+    assert lr_factor(tiny_config(tiny_tree), 77, 100) == 1.0

@@ -45,3 +45,12 @@ def test_segmentation_loss_hand_value():
     assert torch.allclose(segmentation_loss(logits, score, mask), expected)
     perfect = torch.tensor([[[[20.0, -20.0], [-20.0, -20.0]]]])
     assert segmentation_loss(perfect, torch.tensor([1.0 - 1e-6]), mask).item() < 1e-5
+
+
+def test_aim_target_is_the_anomalous_share_of_each_stage_cell():
+    """A 4x4 defect inside one 8x8 cell of a 16 px image counts 1/4 at stage resolution 2x2 (area, no aliasing)."""
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 2:6, 9:13] = 1.0  # wholly inside the top-right 8x8 cell
+    e1 = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1).expand(1, 2, 2, 2)
+    # student equal to the teacher: distance 0 everywhere, so the loss is the mean target = (1/4) / 4 cells
+    assert abs(aim_loss([e1], [e1], mask).item() - 0.25 / 4) < 1e-6

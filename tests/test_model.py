@@ -113,10 +113,57 @@ def test_every_ablation_builds_and_runs_forward_backward(ablation):
 
 
 def test_without_msn_map_is_plain_sum_and_score_is_max():
-    model = make(msn=False).eval()
+    model = make(msn=False, map_sigma=0.0).eval()
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         out = model(x)
         stacked = model.stacked_maps(x)
     assert torch.allclose(out.anomaly_map, stacked.sum(1, keepdim=True))
     assert torch.allclose(out.pred_score, out.anomaly_map.flatten(1).amax(1))
+
+
+def test_residual_msn_starts_as_a_monotone_function_of_the_plain_sum():
+    """At initialisation the MSN's map ranks pixels exactly like the (normalised) plain sum of the maps."""
+    model = make(map_sigma=0.0).eval()
+    model.map_mean.copy_(torch.rand(8))
+    model.map_std.copy_(torch.rand(8) + 0.5)
+    stacked = torch.randn(2, 8, 64, 64)
+    with torch.no_grad():
+        logits = model.segmentation(stacked)
+    expected = 2.0 * stacked.mean(1, keepdim=True) - 5.0  # weight 2, bias -5, correction 0
+    assert torch.allclose(logits, expected, atol=1e-5)
+    paper = make(msn_residual=False, map_sigma=0.0).eval()
+    with torch.no_grad():
+        assert not torch.allclose(paper.segmentation(stacked), expected, atol=1e-2)
+
+
+def test_map_normalisation_standardises_each_map():
+    model = make(msn=False, map_sigma=0.0).eval()
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        raw = model.stacked_maps(x, normalized=False)
+        model.map_mean.copy_(raw.mean(dim=(0, 2, 3)))
+        model.map_std.copy_(raw.std(dim=(0, 2, 3), unbiased=False))
+        z = model.stacked_maps(x)
+    assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(z.shape[1]), atol=1e-4)
+    assert torch.allclose(z.std(dim=(0, 2, 3), unbiased=False), torch.ones(z.shape[1]), atol=1e-3)
+
+
+def test_low_resolution_global_attention_is_upsampled():
+    model = make(global_attention_size=4)
+    assert model.segmentation.global_attention.shape == (8, 4, 4)
+    full = make(global_attention_size=0)
+    assert full.segmentation.global_attention.shape == (8, 64, 64)
+
+
+def test_gaussian_blur_matches_an_independent_reference():
+    from scipy.ndimage import gaussian_filter
+
+    from dmdd.models.segmentation import gaussian_blur
+
+    x = torch.rand(2, 1, 40, 48, dtype=torch.float64)
+    ours = gaussian_blur(x, 2.0).numpy()
+    for i in range(2):
+        ref = gaussian_filter(x[i, 0].numpy(), sigma=2.0, mode="nearest", truncate=4.0)
+        assert abs(ours[i, 0] - ref).max() < 1e-6
+    assert torch.allclose(gaussian_blur(torch.ones(1, 1, 20, 20), 3.0), torch.ones(1, 1, 20, 20), atol=1e-6)

@@ -143,3 +143,21 @@ def test_tire_is_an_object_and_magnetic_tile_a_texture():
         cat = load_category(real_category(name))
         images = [read_image(r.image, 128) for r in cat.train[:: max(1, len(cat.train) // 8)][:8]]
         assert resolve_policy(images, cfg, ForegroundCache(cfg)) == expected
+
+
+def test_grey_images_get_grey_textures_and_colour_images_keep_colour():
+    rng_image = np.random.default_rng(0)
+    grey = np.repeat(rng_image.integers(0, 256, (64, 64, 1), dtype=np.uint8), 3, axis=-1)
+    colour = rng_image.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    full = np.ones((64, 64), dtype=bool)
+    synth = AnomalySynthesizer(SynthesisConfig())
+    anomalous, mask = synth(grey, full, np.random.default_rng(1))
+    assert mask.any()
+    assert np.abs(anomalous[..., 0] - anomalous[..., 1]).max() < 1e-5
+    assert np.abs(anomalous[..., 1] - anomalous[..., 2]).max() < 1e-5
+    anomalous, mask = synth(colour, full, np.random.default_rng(1))
+    inside = mask.astype(bool)
+    assert np.abs(anomalous[..., 0] - anomalous[..., 1])[inside].max() > 0.05
+    coloured = AnomalySynthesizer(SynthesisConfig(grey_textures_on_grey=False))
+    anomalous, mask = coloured(grey, full, np.random.default_rng(1))
+    assert np.abs(anomalous[..., 0] - anomalous[..., 1])[mask.astype(bool)].max() > 0.01

@@ -41,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, required=False)
     p.add_argument("--backbone", help="wide_resnet50_2 (paper), resnet18/34/50, efficientnet_lite0/1/2")
     p.add_argument("--weights", help="local backbone weights file instead of the ImageNet download")
-    p.add_argument("--epochs", type=int, help="number of epochs (default 100)")
+    p.add_argument("--epochs", type=int, help="number of epochs (default 100) unless --steps or --minutes is given")
+    p.add_argument("--steps", type=int, help="training length in student optimiser steps (the last epoch may be partial)")
+    p.add_argument("--minutes", type=float,
+                   help="training length as a wall-clock budget; converted to steps after the first epoch")  # fmt: skip
+    p.add_argument("--snapshot-every", type=int, help="keep a model copy every N steps in <out>/snapshots")
     p.add_argument("--batch-size", type=int, help="normal/anomalous pairs per step (default 16)")
     p.add_argument("--image-size", type=int, help="input size, a multiple of 32 (default 256)")
     p.add_argument("--texture-dir", help="texture images for anomaly synthesis, e.g. DTD (default: procedural)")
@@ -98,6 +102,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
         ("data", "root", args.data), ("data", "category", args.category), ("data", "layout", args.layout),
         ("model", "backbone", args.backbone), ("model", "weights", args.weights),
         ("model", "image_size", args.image_size), ("train", "epochs", args.epochs),
+        ("train", "steps", getattr(args, "steps", None)), ("train", "minutes", getattr(args, "minutes", None)),
+        ("train", "snapshot_every", getattr(args, "snapshot_every", None)),
         ("train", "batch_size", args.batch_size), ("train", "seed", args.seed), ("train", "amp", args.amp),
         ("train", "device", args.device), ("train", "num_threads", args.threads),
         ("synthesis", "texture_dir", args.texture_dir),
@@ -158,7 +164,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         raise DmddError(f"no test images found for {cat.root}; expected a test/ folder")
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "test"
     title = f"DMDD — {cat.name}"
-    result, predictions = evaluate(model, cfg, cat.test, out, title=title, device=device)
+    result, predictions = evaluate(model, cfg, cat.test, out, title=title, device=device,
+                                   thresholds=payload.get("thresholds"))  # fmt: skip
     details = {"checkpoint": args.checkpoint, "data": str(cat.root), "backbone": cfg.model.backbone,
                "image size": cfg.model.image_size, "epochs trained": payload.get("epoch"),
                "thresholds": payload.get("thresholds"), "dmdd": __version__}  # fmt: skip

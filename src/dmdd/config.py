@@ -65,6 +65,14 @@ class ModelConfig:
         student_bn_frozen: keep the student's BatchNorm statistics at their pretrained values
             (affine parameters still train). *(chosen)*: keeps student = teacher at initialisation,
             is robust to small batches and needs no SyncBatchNorm under DDP.
+        map_normalization: standardise each of the K maps by the mean and standard deviation of its values on
+            held-out good training images before they are summed or fused (deviation, docs/deviations.md).
+        msn_residual: the MSN adds a learned correction to the logit of the (normalised) plain sum, with the
+            correction starting at zero, so it starts as the plain sum (deviation); false: the paper's head alone.
+        global_attention_size: side of the MSN's global attention grid G (K x g x g, bilinearly upsampled to the
+            map size); 0 uses the full map size, as in the paper.
+        map_sigma: Gaussian smoothing (standard deviation in pixels at ``image_size``) of the final anomaly map;
+            0 turns it off.
     """
 
     backbone: str = "wide_resnet50_2"
@@ -80,9 +88,15 @@ class ModelConfig:
     seg_channels: int = 16
     top_k: int = 100
     student_bn_frozen: bool = True
+    map_normalization: bool = True
+    msn_residual: bool = True
+    global_attention_size: int = 8
+    map_sigma: float = 4.0
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
+        if self.global_attention_size < 0 or self.map_sigma < 0:
+            raise ConfigError("model.global_attention_size and model.map_sigma must be >= 0")
         if self.image_size < 32 or self.image_size % 32:
             raise ConfigError(f"model.image_size must be a positive multiple of 32, got {self.image_size}")
         if self.branches not in ("both", "normality", "abnormality"):
@@ -99,7 +113,7 @@ class SynthesisConfig:
         texture_dir: folder of texture images (DTD); ``None`` uses procedural textures.
         fas: restrict anomalies to the foreground; ``False`` is the "-FAS" ablation.
         foreground: ``auto`` (object when GrabCut covers < ``object_max_coverage``), ``object`` or ``texture``.
-        perlin_max_scale_exp: Perlin scale 2^k with k ~ U{0..this}.
+        perlin_max_scale_exp: Perlin scale 2^k with k ~ U{0..this} (DRAEM and DESIGN §2: 0..5).
         perlin_threshold: threshold on the rotated Perlin noise.
         beta_max: blend opacity β ~ U(0, beta_max).
         grabcut_iterations: GrabCut iterations.
@@ -111,12 +125,14 @@ class SynthesisConfig:
         min_foreground_coverage: GrabCut results smaller than this fall back to Otsu, then whole image.
         max_mask_tries: bounded resampling of the Perlin mask when M is empty.
         foreground_cache_dir: optional disk cache for foreground masks.
+        grey_textures_on_grey: turn the texture grey when the normal image is grey (equal channels), so grey
+            data sets do not learn "colour = defect" (chosen).
     """
 
     texture_dir: str | None = None
     fas: bool = True
     foreground: ForegroundPolicy = "auto"
-    perlin_max_scale_exp: int = 6
+    perlin_max_scale_exp: int = 5
     perlin_threshold: float = 0.5
     beta_max: float = 0.8
     grabcut_iterations: int = 5
@@ -127,6 +143,7 @@ class SynthesisConfig:
     min_foreground_coverage: float = 0.02
     max_mask_tries: int = 10
     foreground_cache_dir: str | None = None
+    grey_textures_on_grey: bool = True
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
@@ -143,13 +160,23 @@ class TrainConfig:
     """Optimisation and run control (DESIGN §5).
 
     Attributes:
-        epochs: number of epochs; each trains the student side, then the segmentation head.
+        epochs: number of epochs; each trains the student side, then the segmentation head. The training length
+            when neither ``steps`` nor ``minutes`` is set.
+        steps: total student optimiser steps (0: ``epochs`` x steps per epoch). The last epoch may be partial.
+        minutes: wall-clock budget (0: none). The total number of steps is fixed after the first epoch from its
+            measured speed (student and segmentation phases together) and stored, so a resumed run keeps it.
+        lr_schedule: ``constant`` (paper: no schedule stated) or ``cosine`` decay to 0 over the total steps.
+        warmup_steps: linear learning-rate warm-up of the student side over this many steps.
+        snapshot_every: also keep a copy of the model every this many student steps (at the end of the epoch that
+            crosses the mark) in ``snapshots/`` for learning curves; 0 keeps none.
         batch_size: normal/anomalous pairs per step.
         lr: Adam learning rate of the new student parts (1x1 convs, PMN) (paper: 0.005).
         lr_pretrained: learning rate of the pretrained student stages (paper: the same 0.005).
         betas: Adam betas of the student side (chosen, after RD).
         seg_lr: Adam learning rate of the segmentation head (chosen).
-        seg_steps: segmentation steps at the end of every epoch (0: one pass over the data).
+        seg_steps: segmentation steps at the end of every epoch (0: ``seg_fraction`` of the epoch's student steps).
+        seg_fraction: segmentation steps per student step when ``seg_steps`` is 0 (chosen: 0.25; one segmentation
+            step costs about as much as a student step, and the residual head starts at the plain sum).
         ngm_weight: weight of L_NGM.
         aim_weight: weight of L_AIM.
         seed: one seed reproduces a run on CPU.
@@ -157,17 +184,28 @@ class TrainConfig:
         amp: bfloat16/float16 autocast on CUDA.
         num_threads: ``torch.set_num_threads``; ``None`` leaves the default.
         num_workers: DataLoader workers.
-        holdout_fraction: share of the training images held out to calibrate thresholds.
+        holdout_fraction: share of the training images held out to calibrate thresholds and to standardise maps.
+        threshold_mode: ``normal``: thresholds from held-out good images alone, at a target false-alarm rate;
+            ``synthetic``: the image threshold separates held-out good images from synthetic anomalies made from
+            them (max TPR - FPR) and the pixel threshold maximises pixel F1 on their masks.
+        target_fpr: ``normal`` mode: share of good images allowed above the image threshold.
+        pixel_target_fpr: ``normal`` mode: share of good pixels allowed above the pixel threshold.
         eval_size: size at which pixel metrics are computed.
     """
 
     epochs: int = 100
+    steps: int = 0
+    minutes: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    snapshot_every: int = 0
     batch_size: int = 16
     lr: float = 0.005
     lr_pretrained: float = 0.005
     betas: tuple[float, float] = (0.5, 0.999)
     seg_lr: float = 1e-3
     seg_steps: int = 0
+    seg_fraction: float = 0.25
     ngm_weight: float = 1.0
     aim_weight: float = 1.0
     seed: int = 0
@@ -176,6 +214,9 @@ class TrainConfig:
     num_threads: int | None = None
     num_workers: int = 0
     holdout_fraction: float = 0.1
+    threshold_mode: str = "normal"
+    target_fpr: float = 0.01
+    pixel_target_fpr: float = 0.001
     eval_size: int = 256
 
     def __post_init__(self) -> None:
@@ -186,6 +227,16 @@ class TrainConfig:
             raise ConfigError(f"train.betas must be two numbers, got {self.betas!r}") from None
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("train.epochs and train.batch_size must be >= 1")
+        if self.steps < 0 or self.minutes < 0 or self.warmup_steps < 0 or self.snapshot_every < 0:
+            raise ConfigError("train.steps, train.minutes, train.warmup_steps and train.snapshot_every must be >= 0")
+        if not 0 < self.seg_fraction <= 10:
+            raise ConfigError("train.seg_fraction must be in (0, 10]")
+        if self.threshold_mode not in ("normal", "synthetic"):
+            raise ConfigError(f"train.threshold_mode must be normal|synthetic, got {self.threshold_mode!r}")
+        if not (0 < self.target_fpr < 1 and 0 < self.pixel_target_fpr < 1):
+            raise ConfigError("train.target_fpr and train.pixel_target_fpr must be in (0, 1)")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"train.lr_schedule must be constant|cosine, got {self.lr_schedule!r}")
         if not 0 <= self.holdout_fraction < 1:
             raise ConfigError("train.holdout_fraction must be in [0, 1)")
 

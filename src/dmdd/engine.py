@@ -36,7 +36,7 @@ from dmdd.distributed import (
     wrap,
 )
 from dmdd.errors import CheckpointError, DmddError, TrainingDivergedError
-from dmdd.evaluation import calibrate
+from dmdd.evaluation import calibrate, fit_map_statistics
 from dmdd.models.dmdd import DMDD
 
 
@@ -63,10 +63,42 @@ def split_holdout(records: list[Record], fraction: float, seed: int) -> tuple[li
 
 @dataclass
 class TrainState:
-    """What a run needs besides the model; saved in every checkpoint."""
+    """What a run needs besides the model; saved in every checkpoint.
+
+    Attributes:
+        epoch: completed epochs.
+        step: completed student optimiser steps.
+        total_steps: the planned length in student steps (0 while a ``minutes`` budget is not yet converted).
+        history: one log entry per epoch.
+    """
 
     epoch: int = 0
+    step: int = 0
+    total_steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def planned_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """Total student steps of a run: ``train.steps``, else ``epochs`` x steps per epoch; 0 for a minutes budget."""
+    if cfg.train.steps:
+        return cfg.train.steps
+    if cfg.train.minutes:
+        return 0
+    return cfg.train.epochs * steps_per_epoch
+
+
+def steps_for_minutes(minutes: float, seconds: float, steps: int) -> int:
+    """Convert a wall-clock budget into student steps from one measured epoch (``steps`` steps in ``seconds``)."""
+    return max(steps, int(minutes * 60 / max(seconds, 1e-9) * steps))
+
+
+def lr_factor(cfg: Config, step: int, total: int) -> float:
+    """Learning-rate multiplier of the student side at ``step``: linear warm-up, then constant or cosine decay."""
+    t = cfg.train
+    warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
+    if t.lr_schedule == "cosine" and total:
+        return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    return warm
 
 
 def build_optimizers(model: DMDD, cfg: Config) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
@@ -74,7 +106,11 @@ def build_optimizers(model: DMDD, cfg: Config) -> tuple[torch.optim.Optimizer, t
     pretrained, new = model.student_parameters()
     t = cfg.train
     student = torch.optim.Adam(
-        [{"params": pretrained, "lr": t.lr_pretrained}, {"params": new, "lr": t.lr}], betas=t.betas
+        [
+            {"params": pretrained, "lr": t.lr_pretrained, "initial_lr": t.lr_pretrained},
+            {"params": new, "lr": t.lr, "initial_lr": t.lr},
+        ],
+        betas=t.betas,
     )
     seg = torch.optim.Adam(model.segmentation.parameters(), lr=t.seg_lr) if model.segmentation is not None else None
     return student, seg
@@ -112,11 +148,18 @@ def _check_finite(loss: torch.Tensor, epoch: int, what: str) -> None:
         )
 
 
-def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ctx) -> dict[str, float]:
-    """One pass over the pairs training student, 1x1 convs and PMN with L_NGM + L_AIM."""
+def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ctx, state) -> dict[str, float]:
+    """One pass over the pairs (or what is left of the step budget) training student, 1x1 convs and PMN with
+    L_NGM + L_AIM; advances ``state.step``."""
     sums = {"ngm": 0.0, "aim": 0.0}
     steps = 0
+    base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     for normal, anomalous, mask in _loader(pairs, cfg, epoch, 0, ctx):
+        if state.total_steps and state.step >= state.total_steps:
+            break
+        factor = lr_factor(cfg, state.step, state.total_steps)
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
         normal, anomalous, mask = normal.to(device), anomalous.to(device), mask.to(device)
         with _autocast(device, cfg.train.amp):
             loss, ngm, aim = objective(normal, anomalous, mask)
@@ -125,6 +168,7 @@ def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ct
         loss.backward()
         optimizer.step()
         steps += 1
+        state.step += 1
         sums["ngm"] += float(ngm.detach())
         sums["aim"] += float(aim.detach())
         bar.update(1)
@@ -133,7 +177,8 @@ def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ct
 
 
 def _segmentation_steps(pairs, cfg, ctx) -> int:
-    return cfg.train.seg_steps or math.ceil(len(pairs) / (cfg.train.batch_size * ctx.world))
+    student_steps = math.ceil(len(pairs) / (cfg.train.batch_size * ctx.world))
+    return cfg.train.seg_steps or math.ceil(cfg.train.seg_fraction * student_steps)
 
 
 def _segmentation_batches(pairs, cfg, epoch, ctx) -> Iterator:
@@ -242,23 +287,42 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
         train_records, cfg.model.image_size, synthesizer, cfg.train.seed, ForegroundCache(cfg.synthesis)
     )
     seg_steps = _segmentation_steps(pairs, cfg, ctx) if seg_obj is not None else 0
-    steps_per_epoch = len(_loader(pairs, cfg, 0, 0, ctx)) + seg_steps
-    bar = tqdm(total=steps_per_epoch * (cfg.train.epochs - state.epoch), disable=not (progress and ctx.is_main),
+    student_steps = len(_loader(pairs, cfg, 0, 0, ctx))
+    state.total_steps = planned_steps(cfg, student_steps) or state.total_steps  # minutes: the stored plan
+    epochs_left = math.ceil(max(state.total_steps - state.step, 0) / student_steps) if state.total_steps else 1
+    bar = tqdm(total=(student_steps + seg_steps) * epochs_left, disable=not (progress and ctx.is_main),
                unit="step", desc=f"train {category.name}", dynamic_ncols=True)  # fmt: skip
+    stats_records = holdout or train_records
     try:
         with _graceful_signals():
-            for epoch in range(state.epoch, cfg.train.epochs):
-                start = time.perf_counter()
-                log = train_student_epoch(student_obj, pairs, student_opt, cfg, device, epoch, bar, ctx)
+            epoch = state.epoch
+            while not state.total_steps or state.step < state.total_steps:
+                start, first_step = time.perf_counter(), state.step
+                log = train_student_epoch(student_obj, pairs, student_opt, cfg, device, epoch, bar, ctx, state)
+                log["student_seconds"] = round(time.perf_counter() - start, 2)
+                if model.cfg.map_normalization:
+                    fit_map_statistics(model, stats_records, cfg, device)
                 if seg_obj is not None:
+                    seg_start = time.perf_counter()
                     log |= train_segmentation_epoch(model, seg_obj, pairs, seg_opt, cfg, device, epoch, bar, ctx)
-                log = {"epoch": epoch + 1, **log, "seconds": round(time.perf_counter() - start, 2),
-                       "foreground_policy": pairs.policy, "processes": ctx.world}  # fmt: skip
-                state.epoch, state.history = epoch + 1, [*state.history, log]
+                    log["seg_seconds"] = round(time.perf_counter() - seg_start, 2)
+                seconds = time.perf_counter() - start
+                if not state.total_steps:  # a minutes budget: fixed once, from the first epoch's speed
+                    state.total_steps = steps_for_minutes(cfg.train.minutes, seconds, state.step - first_step)
+                    bar.total = bar.n + (student_steps + seg_steps) * math.ceil(
+                        (state.total_steps - state.step) / student_steps)
+                epoch += 1
+                log = {"epoch": epoch, "step": state.step, "total_steps": state.total_steps, **log,
+                       "seconds": round(seconds, 2), "foreground_policy": pairs.policy,
+                       "processes": ctx.world}  # fmt: skip
+                state.epoch, state.history = epoch, [*state.history, log]
                 if ctx.is_main:  # rank 0 alone writes; the others wait so every rank sees the same files
                     _save(ckpt_path, cfg, model, student_opt, seg_opt, state)
                     with (out / "train_log.jsonl").open("a") as f:
                         f.write(json.dumps(log) + "\n")
+                    every = cfg.train.snapshot_every
+                    if every and (state.step // every > first_step // every or state.step >= state.total_steps):
+                        _save_snapshot(out / "snapshots" / f"step_{state.step:06d}.pt", cfg, model, state)
                 ctx.barrier()
     except (KeyboardInterrupt, _StopRequested) as exc:
         bar.close()
@@ -284,6 +348,8 @@ def _save(path, cfg, model, student_opt, seg_opt, state: TrainState, **extra) ->
             "optimizer_student": student_opt.state_dict(),
             "optimizer_segmentation": seg_opt.state_dict() if seg_opt is not None else None,
             "epoch": state.epoch,
+            "step": state.step,
+            "total_steps": state.total_steps,
             "history": state.history,
             "rng": {"torch": torch.get_rng_state()},
             **extra,
@@ -303,4 +369,11 @@ def _restore(path, cfg, model, student_opt, seg_opt) -> TrainState:
     if seg_opt is not None and payload.get("optimizer_segmentation"):
         seg_opt.load_state_dict(payload["optimizer_segmentation"])
     torch.set_rng_state(payload["rng"]["torch"])
-    return TrainState(int(payload["epoch"]), list(payload.get("history") or []))
+    return TrainState(int(payload["epoch"]), int(payload.get("step", 0)), int(payload.get("total_steps", 0)),
+                      list(payload.get("history") or []))  # fmt: skip
+
+
+def _save_snapshot(path: Path, cfg: Config, model: DMDD, state: TrainState) -> None:
+    """A model-only copy (no optimiser state) along the way, loadable with ``restore_model``."""
+    save_checkpoint(path, {"config": cfg.to_dict(), "model": model.state_dict(), "epoch": state.epoch,
+                           "step": state.step, "history": state.history})  # fmt: skip

@@ -73,6 +73,29 @@ def predict_split(model: DMDD, records: list[Record], cfg: Config, device: torch
                        types, paths)  # fmt: skip
 
 
+@torch.inference_mode()
+def fit_map_statistics(model: DMDD, records: list[Record], cfg: Config, device: torch.device, batch_size: int = 8):
+    """Set ``model.map_mean`` / ``model.map_std`` to each map's mean and standard deviation over every pixel of
+    the given good images (held-out training images: no test data). Returns (mean (K,), std (K,))."""
+    was_training = model.training
+    model.eval()
+    data = AnomalyDataset(records, cfg.model.image_size)
+    total = torch.zeros(model.num_maps, dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    count = 0
+    for batch in DataLoader(data, batch_size=batch_size, num_workers=cfg.train.num_workers):
+        maps = model.stacked_maps(batch["image"].to(device), normalized=False).double().cpu()  # (B, K, S, S)
+        total += maps.sum(dim=(0, 2, 3))
+        squares += (maps**2).sum(dim=(0, 2, 3))
+        count += maps[:, 0].numel()
+    mean = total / count
+    std = (squares / count - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
+    model.map_mean.copy_(mean.float())
+    model.map_std.copy_(std.float())
+    model.train(was_training)
+    return mean.float(), std.float()
+
+
 def _split_metrics(p: Predictions, index: np.ndarray) -> dict[str, float | None]:
     labels, scores = p.labels[index], p.scores[index]
     masks, maps = p.masks[index], p.maps[index]
@@ -107,42 +130,88 @@ def _youden_threshold(normal: np.ndarray, anomalous: np.ndarray) -> float:
     return float(thr[best])
 
 
+def normal_threshold(normal: np.ndarray, target_fpr: float) -> float:
+    """Smallest sample quantile that leaves at most ``target_fpr`` of the good-sample scores above it (``score >= t``
+    is anomalous): with few held-out images this is their maximum or close to it."""
+    flat = np.sort(np.asarray(normal, dtype=np.float64).ravel())
+    allowed = int(np.floor(target_fpr * flat.size))  # samples that may lie strictly above the threshold
+    return float(np.nextafter(flat[flat.size - 1 - allowed], np.inf))
+
+
 @torch.inference_mode()
 def calibrate(model: DMDD, records: list[Record], cfg: Config, device: torch.device) -> dict[str, Any]:
-    """Image and pixel thresholds from held-out normal training images and synthetic anomalies made from them.
+    """Image and pixel thresholds from held-out good training images (and synthetic anomalies made from them).
 
-    No test image or label is involved. The image threshold maximises TPR - FPR between the two score samples;
-    the pixel threshold maximises pixel F1 on the synthetic masks.
+    No test image or label is involved. Both operating points are computed and stored; ``cfg.train.threshold_mode``
+    picks the one used by default:
+
+    - ``normal``: the image threshold leaves ``target_fpr`` of the held-out good images above it, the pixel
+      threshold ``pixel_target_fpr`` of their pixels;
+    - ``synthetic``: the image threshold maximises TPR - FPR between good images and synthetic anomalies, the pixel
+      threshold maximises pixel F1 on the synthetic masks.
     """
     model.eval()
     synthesizer = AnomalySynthesizer(cfg.synthesis)
     pairs = PairDataset(records, cfg.model.image_size, synthesizer, cfg.train.seed, ForegroundCache(cfg.synthesis))
     pairs.set_epoch(0, CALIBRATION_STREAM)
-    normal_scores, anomalous_scores, pixel_maps, pixel_masks = [], [], [], []
+    normal_scores, anomalous_scores, normal_maps, anomalous_maps, anomalous_masks = [], [], [], [], []
     for start in range(0, len(pairs), 8):
         batch = [pairs[i] for i in range(start, min(start + 8, len(pairs)))]
         normal = torch.stack([b[0] for b in batch])
         anomalous = torch.stack([b[1] for b in batch])
-        masks = torch.stack([b[2] for b in batch])[:, 0].numpy().astype(bool)
         s_n, m_n = run_model(model, normal, device)
         s_a, m_a = run_model(model, anomalous, device)
         normal_scores.append(s_n)
         anomalous_scores.append(s_a)
-        pixel_maps += [m_n, m_a]
-        pixel_masks += [np.zeros_like(masks), masks]
+        normal_maps.append(m_n)
+        anomalous_maps.append(m_a)
+        anomalous_masks.append(torch.stack([b[2] for b in batch])[:, 0].numpy().astype(bool))
     normal_s, anomalous_s = np.concatenate(normal_scores), np.concatenate(anomalous_scores)
-    maps, masks = np.concatenate(pixel_maps), np.concatenate(pixel_masks)
+    normal_m, anomalous_m, masks = map(np.concatenate, (normal_maps, anomalous_maps, anomalous_masks))
+    t = cfg.train
+    by_normal = {"image": normal_threshold(normal_s, t.target_fpr),
+                 "pixel": normal_threshold(normal_m, t.pixel_target_fpr),
+                 "target_fpr": t.target_fpr, "pixel_target_fpr": t.pixel_target_fpr}  # fmt: skip
+    pixel_maps, pixel_masks = np.concatenate([normal_m, anomalous_m]), np.concatenate([np.zeros_like(masks), masks])
+    by_synthetic = {
+        "image": _youden_threshold(normal_s, anomalous_s),
+        "pixel": metrics.f1_max(pixel_masks, pixel_maps)[1] if masks.any() else by_normal["pixel"],
+    }
+    chosen = by_normal if t.threshold_mode == "normal" else by_synthetic
     labels = np.r_[np.zeros(normal_s.size), np.ones(anomalous_s.size)]
     return {
-        "image": _youden_threshold(normal_s, anomalous_s),
-        "pixel": metrics.f1_max(masks, maps)[1] if masks.any() else float(np.quantile(maps, 0.999)),
+        "image": chosen["image"],
+        "pixel": chosen["pixel"],
+        "mode": t.threshold_mode,
+        "normal": by_normal,
+        "synthetic": by_synthetic,
         "normal_images": int(normal_s.size),
         "synthetic_anomalies": int(anomalous_s.size),
         # Label-free validation figures (held-out normals vs synthetic anomalies), usable for model choices.
         "synthetic_image_auroc": metrics.auroc(labels, np.r_[normal_s, anomalous_s]),
-        "synthetic_pixel_auroc": metrics.auroc(masks, maps) if masks.any() else None,
-        "source": "held-out normal training images and synthetic anomalies (no test data)",
+        "synthetic_pixel_auroc": metrics.auroc(pixel_masks, pixel_maps) if masks.any() else None,
+        "source": "held-out good training images and synthetic anomalies made from them (no test data)",
     }
+
+
+def operating_point(p: Predictions, threshold: float) -> dict[str, Any]:
+    """Decisions ``score >= threshold`` on a labelled split: false alarms on good images, detections per type."""
+    flagged = p.scores >= threshold
+    types = np.asarray(p.defect_types)
+    good = p.labels == 0
+    out: dict[str, Any] = {
+        "threshold": float(threshold),
+        "false_alarm_rate": float(flagged[good].mean()) if good.any() else None,
+        "detection_rate": float(flagged[~good].mean()) if (~good).any() else None,
+        "good_images": int(good.sum()),
+        "defective_images": int((~good).sum()),
+        "per_defect_type": {t: float(flagged[types == t].mean()) for t in sorted(set(types) - {"good"})},
+    }
+    if good.any() and (~good).any():  # the best detection rate the scores allow at the same false-alarm rate
+        allowed = int(np.floor(out["false_alarm_rate"] * good.sum()))
+        best_t = np.sort(p.scores[good])[good.sum() - 1 - allowed] if allowed < good.sum() else -np.inf
+        out["best_detection_rate_at_same_false_alarms"] = float((p.scores[~good] > best_t).mean())
+    return out
 
 
 def metrics_markdown(result: dict[str, Any], title: str) -> str:
@@ -195,8 +264,12 @@ def evaluate(
     title: str = "DMDD",
     device: torch.device | None = None,
     overlays_per_type: int = 3,
+    thresholds: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Predictions]:
     """Metrics of a trained model on a labelled test split; writes metrics.json, metrics.md and overlays.
+
+    With the calibrated ``thresholds`` the result also holds the operating point: false-alarm rate on the good
+    images and detection rate on the defective ones at the image threshold.
 
     Returns:
         (metrics, predictions).
@@ -204,6 +277,10 @@ def evaluate(
     device = device or next(model.parameters()).device
     predictions = predict_split(model, records, cfg, device)
     result = compute_metrics(predictions)
+    if thresholds and thresholds.get("image") is not None:
+        normal = thresholds.get("normal") or {}
+        result["operating_point"] = {"mode": thresholds.get("mode", "synthetic"), "target_fpr": normal.get(
+            "target_fpr", cfg.train.target_fpr), **operating_point(predictions, thresholds["image"])}  # fmt: skip
     if out_dir is not None:
         out = Path(out_dir)
         write_metrics(result, out, title)

@@ -55,11 +55,13 @@ def aim_loss(
     Args:
         teacher: per stage, teacher features of each image (B, C_i, H_i, W_i).
         student_abnormal: per stage, the student's abnormality features of the same images.
-        mask: (B, 1, H, W) ground truth in {0, 1}, resized bilinearly to each stage (chosen).
+        mask: (B, 1, H, W) ground truth in {0, 1}, resized to each stage by area averaging: each cell's target is
+            the anomalous share of the pixels it covers (DESIGN says bilinear; without antialiasing that reads only
+            2x2 of the 32x32 pixels of a stage-4 cell, see docs/deviations.md).
     """
     terms = []
     for t, s in zip(teacher, student_abnormal, strict=True):
-        m = F.interpolate(mask.float(), size=t.shape[-2:], mode="bilinear", align_corners=False)
+        m = F.interpolate(mask.float(), size=t.shape[-2:], mode="area")
         terms.append((cosine_distance(t, s) - m).abs().mean())
     return torch.stack(terms).mean()
 

@@ -91,6 +91,28 @@ def _table_html(result: dict[str, Any]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _operating_html(result: dict[str, Any]) -> str:
+    """The decisions at the calibrated image threshold, when the evaluation had one."""
+    op = result.get("operating_point")
+    if not op:
+        return "<p>No calibrated threshold was given: decisions are not shown.</p>"
+    how = ("held-out good training images only, target false-alarm rate "
+           f"{_fmt(100 * op['target_fpr'])} %" if op["mode"] == "normal"
+           else "held-out good training images against synthetic anomalies")  # fmt: skip
+    rows = [("image threshold", _fmt(op["threshold"]) + f" (calibrated on {how})")]
+    if op["false_alarm_rate"] is not None:
+        rows.append(("false alarms on good images",
+                     f"{100 * op['false_alarm_rate']:.1f} % of {op['good_images']}"))  # fmt: skip
+    if op["detection_rate"] is not None:
+        rows.append(("defective images flagged", f"{100 * op['detection_rate']:.1f} % of {op['defective_images']}"))
+        rows += [(f"  {t}", f"{100 * r:.1f} %") for t, r in op["per_defect_type"].items()]
+    if "best_detection_rate_at_same_false_alarms" in op:
+        rows.append(("best the scores allow at that false-alarm rate",
+                     f"{100 * op['best_detection_rate_at_same_false_alarms']:.1f} % flagged"))  # fmt: skip
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
@@ -134,6 +156,7 @@ figcaption {{ font-size: 0.85em; color: #555; }}
 <p>Metrics in %. Each defect type is evaluated together with the good test images. Panels show
 image | ground truth | anomaly map (green outline: ground truth).</p>
 {_table_html(result)}
+<h2>Operating point</h2>{_operating_html(result)}
 <h2>Curves</h2>{curves}
 <h2>Gallery</h2>{gallery}
 <h2>Run</h2><table>{info}</table>

@@ -165,6 +165,12 @@ class TextureSource:
 # --- the synthesis ----------------------------------------------------------------------------------------------
 
 
+def is_grey(image: np.ndarray) -> bool:
+    """True when an (S, S, 3) RGB image has (almost) equal channels: a grey-scale camera image."""
+    img = image.astype(np.int16)
+    return int(np.abs(img[..., 0] - img[..., 1]).max()) <= 2 and int(np.abs(img[..., 1] - img[..., 2]).max()) <= 2
+
+
 class AnomalySynthesizer:
     """Foreground-aware Anomaly Synthesis: I_a = I ⊙ (1 − M) + (1 − β) A ⊙ M + β I ⊙ M with M = M_noise ⊙ M_fore."""
 
@@ -197,6 +203,8 @@ class AnomalySynthesizer:
         size = image.shape[0]
         mask = self.mask(size, foreground, rng)
         texture = augment_texture(self.textures.sample(size, rng), rng).astype(np.float32) / 255.0
+        if self.cfg.grey_textures_on_grey and is_grey(image):  # a grey camera never shows colour
+            texture = np.repeat(texture.mean(axis=-1, keepdims=True), 3, axis=-1)
         beta = np.float32(rng.uniform(0.0, self.cfg.beta_max))
         img = image.astype(np.float32) / 255.0
         m = mask[..., None].astype(np.float32)

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from dmdd.config import ModelConfig
 from dmdd.losses import cosine_distance
 from dmdd.models.backbone import Backbone, build_backbone
-from dmdd.models.segmentation import SegmentationHead, pyramid_upsample, top_k_score
+from dmdd.models.segmentation import SegmentationHead, gaussian_blur, pyramid_upsample, top_k_score
 from dmdd.models.student import DecoupledStudent, PyramidModelingNetwork
 
 
@@ -67,8 +67,14 @@ class DMDD(nn.Module):
         )
         self.num_maps = 4 * (int(self.use_normality) + int(self.use_abnormality))
         self.segmentation = (
-            SegmentationHead(self.num_maps, cfg.image_size, cfg.seg_channels, cfg.multi_perception) if cfg.msn else None
+            SegmentationHead(self.num_maps, cfg.image_size, cfg.seg_channels, cfg.multi_perception,
+                             cfg.global_attention_size, cfg.msn_residual)  # fmt: skip
+            if cfg.msn
+            else None
         )
+        # Per-map statistics of held-out good images (set by dmdd.evaluation.fit_map_statistics); identity until then.
+        self.register_buffer("map_mean", torch.zeros(self.num_maps))
+        self.register_buffer("map_std", torch.ones(self.num_maps))
         self.train()
 
     def train(self, mode: bool = True) -> DMDD:
@@ -111,14 +117,34 @@ class DMDD(nn.Module):
         aim = [cosine_distance(t, s) for t, s in zip(feats.teacher, feats.abnormality)] if feats.abnormality else []
         return ngm, aim
 
-    def stacked_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """The K anomaly maps, pyramid-fused when configured and upsampled to the input size: (B, K, S, S)."""
-        ngm, aim = self.stage_maps(self.features(images))
+    def stack(self, ngm: list[torch.Tensor], aim: list[torch.Tensor], size, normalized: bool = True) -> torch.Tensor:
+        """Stage maps -> the K maps, pyramid-fused when configured and upsampled to ``size``: (B, K, *size).
+
+        With ``normalized`` and ``cfg.map_normalization`` each map is standardised by the statistics of held-out
+        good images (``map_mean``, ``map_std``).
+        """
         if self.cfg.pyramid_upsampling and self.segmentation is not None:
             ngm, aim = pyramid_upsample(ngm, aim)
-        size = images.shape[-2:]
-        maps = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in ngm + aim]
-        return torch.cat(maps, dim=1)
+        maps = torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in ngm + aim], 1)
+        if normalized and self.cfg.map_normalization:
+            maps = (maps - self.map_mean.view(1, -1, 1, 1)) / self.map_std.view(1, -1, 1, 1)
+        return maps
+
+    def stacked_maps(self, images: torch.Tensor, normalized: bool = True) -> torch.Tensor:
+        """The K anomaly maps of (B, 3, S, S) images at the input size: (B, K, S, S); see :meth:`stack`."""
+        return self.stack(*self.stage_maps(self.features(images)), images.shape[-2:], normalized)
+
+    def smooth(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """Gaussian smoothing of the final (B, 1, S, S) map (``cfg.map_sigma``, 0 = none)."""
+        return gaussian_blur(anomaly_map, self.cfg.map_sigma) if self.cfg.map_sigma > 0 else anomaly_map
+
+    def fuse(self, stacked: torch.Tensor) -> InferenceOutput:
+        """Eval-mode fusion of the (B, K, S, S) stacked maps into the anomaly map and the image score."""
+        if self.segmentation is None:
+            maps = self.smooth(stacked.sum(dim=1, keepdim=True))  # (B, 1, S, S), "w/o MSN"
+            return InferenceOutput(maps.flatten(1).amax(dim=1), maps)
+        anomaly_map = self.smooth(torch.sigmoid(self.segmentation(stacked)))
+        return InferenceOutput(top_k_score(anomaly_map, self.cfg.top_k), anomaly_map)
 
     def forward(self, images: torch.Tensor) -> InferenceOutput | SegmentationOutput:
         """``InferenceOutput(pred_score (B,), anomaly_map (B, 1, S, S))``, or ``SegmentationOutput`` while the
@@ -127,16 +153,12 @@ class DMDD(nn.Module):
         While the head trains, teacher and student run without gradients (paper §3.1: T and S are frozen); put the
         model in eval mode and only ``model.segmentation`` in train mode. Student training uses :meth:`distill`.
         """
-        if self.segmentation is None:
-            maps = self.stacked_maps(images).sum(dim=1, keepdim=True)  # (B, 1, S, S), "w/o MSN"
-            return InferenceOutput(maps.flatten(1).amax(dim=1), maps)
-        if self.segmentation.training:
+        if self.segmentation is not None and self.segmentation.training:
             with torch.no_grad():
                 stacked = self.stacked_maps(images)
             logits = self.segmentation(stacked)
             return SegmentationOutput(logits, top_k_score(torch.sigmoid(logits), self.cfg.top_k))
-        anomaly_map = torch.sigmoid(self.segmentation(self.stacked_maps(images)))
-        return InferenceOutput(top_k_score(anomaly_map, self.cfg.top_k), anomaly_map)
+        return self.fuse(self.stacked_maps(images))
 
     def distill(self, normal: torch.Tensor, anomalous: torch.Tensor) -> tuple[Features, Features]:
         """Features of a batch of normal images and their synthetic anomalous copies (teacher run once on both).

@@ -50,20 +50,41 @@ class SpatialAttention(nn.Module):
 class SegmentationHead(nn.Module):
     """Multi-perception Segmentation Head: attention over the K stacked maps, then compression to one logit map.
 
+    With ``residual`` (dmdd's default, a deviation from the paper) the compression output is a correction added to
+    ``w * mean(maps) + b`` (w = 2, b = -5 at the start: on standardised maps a good pixel starts near p = 0.007, a
+    pixel 3 standard deviations up in every map near p = 0.7). The correction's last layer starts at zero, so the
+    head starts as a monotone function of the plain sum, and training on synthetic anomalies only moves it away
+    from there as far as the loss pays for.
+
     Args:
         num_maps: K, number of stacked anomaly maps (8 for DMDD, 4 with one branch).
-        image_size: H = W of the maps; sizes the global attention parameter G (K, H, W).
+        image_size: H = W of the maps.
         channels: width of the compression conv stack.
         multi_perception: use channel, spatial and global attention.
+        global_size: side g of the global attention grid G (K, g, g), upsampled bilinearly; 0: g = ``image_size``.
+        residual: add the compression output to the logit of the plain sum (see above).
     """
 
-    def __init__(self, num_maps: int, image_size: int, channels: int = 16, multi_perception: bool = True) -> None:
+    def __init__(
+        self,
+        num_maps: int,
+        image_size: int,
+        channels: int = 16,
+        multi_perception: bool = True,
+        global_size: int = 0,
+        residual: bool = False,
+    ) -> None:
         super().__init__()
         self.multi_perception = multi_perception
+        self.residual = residual
         if multi_perception:
             self.channel_attention = ChannelAttention(num_maps, max(num_maps, 4))
             self.spatial_attention = SpatialAttention()
-            self.global_attention = nn.Parameter(torch.ones(num_maps, image_size, image_size))
+            g = global_size or image_size
+            self.global_attention = nn.Parameter(torch.ones(num_maps, g, g))
+        if residual:
+            self.sum_weight = nn.Parameter(torch.full((), 2.0))
+            self.sum_bias = nn.Parameter(torch.full((), -5.0))
         self.compress = nn.Sequential(
             nn.Conv2d(num_maps, channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(channels),
@@ -73,14 +94,34 @@ class SegmentationHead(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(channels, 1, 1),
         )
+        if residual:
+            nn.init.zeros_(self.compress[-1].weight)
+            nn.init.zeros_(self.compress[-1].bias)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """(B, K, H, W) stacked maps -> (B, 1, H, W) logits."""
         x = maps
         if self.multi_perception:
             x = self.spatial_attention(self.channel_attention(x))
-            x = x * self.global_attention
-        return self.compress(x)
+            g = self.global_attention
+            if g.shape[-2:] != maps.shape[-2:]:
+                g = F.interpolate(g[None], size=maps.shape[-2:], mode="bilinear", align_corners=False)[0]
+            x = x * g
+        logits = self.compress(x)
+        if self.residual:
+            logits = logits + self.sum_weight * maps.mean(dim=1, keepdim=True) + self.sum_bias
+        return logits
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of (B, 1, H, W) maps, kernel radius 4 sigma, replicated borders."""
+    radius = max(1, int(4 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = F.pad(maps, (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
+    return F.conv2d(out, kernel.view(1, 1, -1, 1))
 
 
 def top_k_score(anomaly_map: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,0 +1,182 @@
+"""Learning curves: evaluate the snapshots of a run on the test split, every fusion of the eight maps side by side.
+
+For each ``RUN/snapshots/step_*.pt`` (written by training with ``train.snapshot_every``) one pass over the test
+images gives the model's own output (its default fusion) and the eight raw stage maps; from them it scores:
+
+- ``default``: the model's output as configured (MSN or plain sum, normalised, smoothed);
+- ``sum_raw``: the plain sum of the eight upsampled raw maps, no smoothing, score = max (the paper's "w/o MSN");
+- ``sum_norm``: each map standardised by statistics of the held-out good training images, summed, smoothed;
+- ``ngm_norm`` / ``aim_norm``: the same over one branch only (Table 4's single-branch maps);
+- ``sum_norm_local``: standardised per 16 x 16 grid cell (position-wise statistics of the held-out images);
+- ``ngm123_norm`` / ``no_stage4_norm``: normalised sums without the stage-4 maps;
+- with ``--per-map``: every single map ``ngm1..4``, ``aim1..4`` (smoothed).
+
+Normalisation statistics come from the run's held-out good training images, never from the test split. Results are
+appended to ``RUN/curve.jsonl`` (a finished step is skipped on a rerun) and drawn into ``RUN/curve.png``.
+
+Example:
+    python benchmarks/learning_curve.py runs/tire_curve --category tire --per-map
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from dmdd import metrics
+from dmdd.checkpoint import config_of, load_checkpoint, restore_model
+from dmdd.data import load_category
+from dmdd.data.datasets import AnomalyDataset
+from dmdd.engine import split_holdout
+from dmdd.models.segmentation import gaussian_blur
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+@torch.inference_mode()
+def raw_and_default(model, records, image_size: int, eval_size: int, with_masks: bool):
+    """(default maps (N, E, E), default scores (N,), raw maps (N, K, E, E), masks (N, E, E), labels (N,))."""
+    data = AnomalyDataset(records, image_size, mask_size=eval_size)
+    maps, scores, raws, masks, labels = [], [], [], [], []
+    for batch in DataLoader(data, batch_size=8):
+        images = batch["image"]
+        ngm, aim = model.stage_maps(model.features(images))
+        out = model.fuse(model.stack(ngm, aim, images.shape[-2:]))
+        raw = torch.cat([F.interpolate(m, size=images.shape[-2:], mode="bilinear") for m in ngm + aim], 1)
+        if eval_size != images.shape[-1]:
+            raw = F.interpolate(raw, size=(eval_size, eval_size), mode="bilinear")
+            out = out._replace(anomaly_map=F.interpolate(out.anomaly_map, size=(eval_size, eval_size), mode="bilinear"))
+        maps.append(out.anomaly_map[:, 0].numpy())
+        scores.append(out.pred_score.numpy())
+        raws.append(raw.numpy())
+        if with_masks:
+            masks.append(batch["mask"][:, 0].numpy().astype(bool))
+            labels.append(np.asarray(batch["label"]))
+    cat = np.concatenate
+    return cat(maps), cat(scores), cat(raws), (cat(masks) if masks else None), (cat(labels) if labels else None)
+
+
+def local_statistics(hold: np.ndarray, grid: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-map mean and std in a grid x grid layout of cells over the held-out maps (N, K, E, E), upsampled
+    bilinearly to (K, size, size); the std is floored at half the map's global std."""
+    t = torch.from_numpy(hold)
+    mean = F.adaptive_avg_pool2d(t, grid).mean(0, keepdim=True)
+    square = F.adaptive_avg_pool2d(t**2, grid).mean(0, keepdim=True)
+    std = (square - mean**2).clamp_min(0).sqrt()
+    floor = torch.from_numpy(hold.std(axis=(0, 2, 3))).view(1, -1, 1, 1) * 0.5
+    std = torch.maximum(std, floor)
+    up = lambda x: F.interpolate(x, size=(size, size), mode="bilinear")[0].numpy()  # noqa: E731
+    return up(mean), up(std)
+
+
+def variants(raw: np.ndarray, mean: np.ndarray, std: np.ndarray, sigma: float, per_map: bool, local=None) -> dict:
+    """Name -> (N, E, E) map of every fusion evaluated (see the module docstring)."""
+    k = raw.shape[1]
+    z = (raw - mean[None, :, None, None]) / std[None, :, None, None]
+
+    def smooth(m: np.ndarray) -> np.ndarray:
+        return gaussian_blur(torch.from_numpy(m[:, None]), sigma)[:, 0].numpy() if sigma > 0 else m
+
+    out = {"sum_raw": raw.sum(1), "sum_norm": smooth(z.sum(1))}
+    if k == 8:
+        out["ngm_norm"] = smooth(z[:, :4].sum(1))
+        out["aim_norm"] = smooth(z[:, 4:].sum(1))
+    if local is not None:
+        out["sum_norm_local"] = smooth(((raw - local[0][None]) / local[1][None]).sum(1))
+        out["ngm123_norm"] = smooth(z[:, :3].sum(1)) if k == 8 else None
+        out["no_stage4_norm"] = smooth(np.delete(z, [3, 7], axis=1).sum(1)) if k == 8 else None
+        out = {n: m for n, m in out.items() if m is not None}
+    if per_map:
+        names = [f"ngm{i}" for i in range(1, 5)] + [f"aim{i}" for i in range(1, 5)] if k == 8 else []
+        for i, name in enumerate(names):
+            out[name] = smooth(raw[:, i])
+    return out
+
+
+def score(labels, masks, maps, image_scores=None) -> dict:
+    image_scores = maps.reshape(len(maps), -1).max(1) if image_scores is None else image_scores
+    return {"image_auroc": metrics.auroc(labels, image_scores), "pixel_auroc": metrics.auroc(masks, maps),
+            "au_pro": metrics.au_pro(masks, maps)}  # fmt: skip
+
+
+def evaluate_snapshot(path: Path, category, per_map: bool) -> dict:
+    model, payload = restore_model(path)
+    cfg = config_of(payload, path)
+    _, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
+    _, _, hold_raw, _, _ = raw_and_default(model, holdout, cfg.model.image_size, cfg.train.eval_size, False)
+    mean, std = hold_raw.mean(axis=(0, 2, 3)), hold_raw.std(axis=(0, 2, 3)) + 1e-12
+    local = local_statistics(hold_raw, 16, hold_raw.shape[-1])
+    maps, scores, raw, masks, labels = raw_and_default(
+        model, category.test, cfg.model.image_size, cfg.train.eval_size, True
+    )
+    result = {"default": score(labels, masks, maps, scores)}
+    for name, m in variants(raw, mean, std, cfg.model.map_sigma, per_map, local).items():
+        result[name] = score(labels, masks, m)
+    return {"step": int(payload.get("step", 0)), "epoch": int(payload["epoch"]), "snapshot": path.name, **result}
+
+
+def plot(rows: list[dict], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["step"])
+    names = [k for k in rows[-1] if isinstance(rows[-1][k], dict)]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharex=True)
+    for ax, key, label in zip(axes, ("image_auroc", "pixel_auroc", "au_pro"), ("I-AUROC", "P-AUROC", "AU-PRO")):
+        for name in names:
+            pts = [(r["step"], 100 * r[name][key]) for r in rows if name in r]
+            style = "-" if name in ("default", "sum_norm", "sum_raw", "ngm_norm", "aim_norm") else ":"
+            ax.plot(*zip(*pts), style, marker="o", ms=3, label=name, lw=2 if name == "default" else 1)
+        ax.set_title(label)
+        ax.set_xlabel("student steps")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("%")
+    axes[-1].legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run folder with snapshots/")
+    p.add_argument("--category", required=True)
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--per-map", action="store_true", help="also every single map")
+    p.add_argument("--only", nargs="*", type=int, help="evaluate only these steps")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    log = run / "curve.jsonl"
+    done = {json.loads(line)["step"] for line in log.read_text().splitlines()} if log.is_file() else set()
+    category = load_category(args.data, args.category)
+    for path in sorted((run / "snapshots").glob("step_*.pt")):
+        step = int(load_checkpoint(path).get("step", 0))
+        if step in done or (args.only and step not in args.only):
+            continue
+        start = time.perf_counter()
+        row = evaluate_snapshot(path, category, args.per_map)
+        row["eval_seconds"] = round(time.perf_counter() - start, 1)
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        short = {k: [round(100 * v[m], 1) for m in ("image_auroc", "pixel_auroc", "au_pro")]
+                 for k, v in row.items() if isinstance(v, dict)}  # fmt: skip
+        print(step, json.dumps(short), flush=True)
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    if rows:
+        plot(rows, run / "curve.png", f"{args.category}: {run.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
