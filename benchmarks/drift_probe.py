@@ -22,8 +22,8 @@ from torch.nn import functional as F
 
 from dmdd.checkpoint import config_of, restore_model
 from dmdd.data import load_category
-from dmdd.data.foreground import ForegroundCache
 from dmdd.data.datasets import to_tensor
+from dmdd.data.foreground import ForegroundCache
 from dmdd.data.io import read_image
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -33,7 +33,7 @@ def weight_drift(model) -> dict:
     out = {}
     for i, (s_stage, t_stage) in enumerate(zip(model.student.stages, model.teacher), start=1):
         conv_num = conv_den = bn_num = bn_den = 0.0
-        for (name, s_mod), t_mod in zip(s_stage.named_modules(), t_stage.modules()):
+        for s_mod, t_mod in zip(s_stage.modules(), t_stage.modules()):
             if isinstance(s_mod, nn.Conv2d):
                 conv_num += float((s_mod.weight - t_mod.weight).pow(2).sum())
                 conv_den += float(t_mod.weight.pow(2).sum())

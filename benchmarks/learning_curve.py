@@ -5,10 +5,11 @@ images gives the model's own output (its default fusion) and the eight raw stage
 
 - ``default``: the model's output as configured (MSN or plain sum, normalised, smoothed);
 - ``sum_raw``: the plain sum of the eight upsampled raw maps, no smoothing, score = max (the paper's "w/o MSN");
-- ``sum_norm``: each map standardised by statistics of the held-out good training images, summed, smoothed;
+- ``sum_norm``: each map standardised by statistics of the held-out good training images, summed, smoothed
+  (``sum_norm_sigma0``: not smoothed);
 - ``ngm_norm`` / ``aim_norm``: the same over one branch only (Table 4's single-branch maps);
 - ``sum_norm_local``: standardised per 16 x 16 grid cell (position-wise statistics of the held-out images);
-- ``ngm123_norm`` / ``no_stage4_norm``: normalised sums without the stage-4 maps;
+- ``stages123`` / ``stages23`` / ``stages234`` / ``stages3``: normalised sums over some stages (both branches);
 - with ``--per-map``: every single map ``ngm1..4``, ``aim1..4`` (smoothed).
 
 Normalisation statistics come from the run's held-out good training images, never from the test split. Results are
@@ -84,15 +85,16 @@ def variants(raw: np.ndarray, mean: np.ndarray, std: np.ndarray, sigma: float, p
     def smooth(m: np.ndarray) -> np.ndarray:
         return gaussian_blur(torch.from_numpy(m[:, None]), sigma)[:, 0].numpy() if sigma > 0 else m
 
-    out = {"sum_raw": raw.sum(1), "sum_norm": smooth(z.sum(1))}
+    out = {"sum_raw": raw.sum(1), "sum_norm": smooth(z.sum(1)), "sum_norm_sigma0": z.sum(1)}
     if k == 8:
         out["ngm_norm"] = smooth(z[:, :4].sum(1))
         out["aim_norm"] = smooth(z[:, 4:].sum(1))
     if local is not None:
         out["sum_norm_local"] = smooth(((raw - local[0][None]) / local[1][None]).sum(1))
-        out["ngm123_norm"] = smooth(z[:, :3].sum(1)) if k == 8 else None
-        out["no_stage4_norm"] = smooth(np.delete(z, [3, 7], axis=1).sum(1)) if k == 8 else None
-        out = {n: m for n, m in out.items() if m is not None}
+    if k == 8:  # normalised sums over a subset of stages, both branches
+        for stages in ((1, 2, 3), (2, 3), (2, 3, 4), (3,)):
+            index = [i - 1 for i in stages] + [i + 3 for i in stages]
+            out["stages" + "".join(map(str, stages))] = smooth(z[:, index].sum(1))
     if per_map:
         names = [f"ngm{i}" for i in range(1, 5)] + [f"aim{i}" for i in range(1, 5)] if k == 8 else []
         for i, name in enumerate(names):
@@ -146,6 +148,19 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
     fig.savefig(out, dpi=110)
 
 
+def table(rows: list[dict]) -> str:
+    """Markdown: one row per step, I-AUROC / P-AUROC / AU-PRO (%) of every fusion evaluated."""
+    rows = sorted(rows, key=lambda r: r["step"])
+    names = [k for k in rows[-1] if isinstance(rows[-1][k], dict)]
+    head = "| step | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
+
+    def cell(r, n):
+        v = r.get(n)
+        return " / ".join(f"{100 * v[m]:.1f}" for m in ("image_auroc", "pixel_auroc", "au_pro")) if v else "-"
+
+    return head + "".join(f"| {r['step']} | " + " | ".join(cell(r, n) for n in names) + " |\n" for r in rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder with snapshots/")
@@ -175,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     if rows:
         plot(rows, run / "curve.png", f"{args.category}: {run.name}")
+        (run / "curve.md").write_text(table(rows))
     return 0
 
 

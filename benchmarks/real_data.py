@@ -54,9 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(args.set)
     cfg = Config().replace(
         model={"backbone": args.backbone, **overrides.get("model", {})},
-        train={"epochs": args.epochs, "steps": args.steps, "minutes": args.minutes,
-               "snapshot_every": args.snapshot_every, "num_threads": args.threads,
-               **overrides.get("train", {})},  # fmt: skip
+        train={
+            "epochs": args.epochs,
+            "steps": args.steps,
+            "minutes": args.minutes,
+            "snapshot_every": args.snapshot_every,
+            "num_threads": args.threads,
+            **overrides.get("train", {}),
+        },  # fmt: skip
         synthesis={"texture_dir": str(Path(args.data) / "textures" / "dtd10"), **overrides.get("synthesis", {})},
         data={"root": args.data, "category": args.category},
     )

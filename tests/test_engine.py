@@ -30,7 +30,9 @@ def test_fit_and_evaluate_end_to_end_is_reproducible(tiny_tree, tmp_path):
         assert 0.0 <= overall[key] <= 1.0, key
     assert set(result["per_defect_type"]) == {"scratch", "spot", "contamination"}
     assert payload["epoch"] == 2 and len(payload["history"]) == 2
-    assert {"image", "pixel"} <= set(payload["thresholds"])
+    thresholds = payload["thresholds"]
+    assert {"image", "pixel"} <= set(thresholds) and thresholds["mode"] == "normal"
+    assert thresholds["image"] == thresholds["normal"]["image"] and set(thresholds["synthetic"]) == {"image", "pixel"}
     assert (tmp_path / "a/eval/metrics.json").is_file() and (tmp_path / "a/eval/metrics.md").is_file()
     assert len(list((tmp_path / "a/eval/overlays").glob("*.png"))) == 4
     log = [json.loads(line) for line in (tmp_path / "a/train_log.jsonl").read_text().splitlines()]

@@ -2,10 +2,12 @@ import dataclasses
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from dmdd.config import Config, ModelConfig
 from dmdd.distributed import student_loss
 from dmdd.engine import build_optimizers
+from dmdd.errors import ConfigError
 from dmdd.losses import segmentation_loss
 from dmdd.models import DMDD, InferenceOutput, SegmentationOutput
 
@@ -167,3 +169,22 @@ def test_gaussian_blur_matches_an_independent_reference():
         ref = gaussian_filter(x[i, 0].numpy(), sigma=2.0, mode="nearest", truncate=4.0)
         assert abs(ours[i, 0] - ref).max() < 1e-6
     assert torch.allclose(gaussian_blur(torch.ones(1, 1, 20, 20), 3.0), torch.ones(1, 1, 20, 20), atol=1e-6)
+
+
+def test_map_stages_select_the_fused_maps():
+    model = make(map_stages=[3, 2], map_sigma=0.0).eval()
+    assert model.cfg.map_stages == (2, 3) and model.num_maps == 4
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ngm, aim = model.stage_maps(model.features(x))
+        stacked = model.stacked_maps(x)
+        out = model(x)
+    assert stacked.shape == (2, 4, 64, 64) and out.anomaly_map.shape == (2, 1, 64, 64)
+    plain = make(map_stages=[3], msn=False, map_sigma=0.0).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("segmentation", "map_"))},
+                          strict=False)  # fmt: skip
+    with torch.no_grad():
+        expected = sum(F.interpolate(m[2], size=(64, 64), mode="bilinear") for m in (ngm, aim))
+        assert torch.allclose(plain(x).anomaly_map, expected, atol=1e-6)
+    with pytest.raises(ConfigError):
+        ModelConfig(map_stages=[0, 5])

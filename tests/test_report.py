@@ -46,3 +46,28 @@ def test_report_renders_in_headless_chromium(tmp_path):
     shot = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
     assert shot.shape == (1200, 1280)
     assert shot.std() > 10  # text, curves and images were drawn, not a blank page
+
+
+def test_operating_point_counts_decisions_and_the_report_shows_it(tmp_path):
+    from dmdd.evaluation import operating_point
+
+    p = fake_predictions(tmp_path)
+    p.scores[:] = [0.1, 0.2, 0.9, 0.5, 0.95, 0.15]  # good: 0.1 0.2 0.9; crack: 0.5 0.95 0.15
+    op = operating_point(p, threshold=0.5)
+    assert op["false_alarm_rate"] == pytest.approx(1 / 3) and op["detection_rate"] == pytest.approx(2 / 3)
+    assert op["per_defect_type"] == {"crack": pytest.approx(2 / 3)}
+    # at one false alarm in three, the best threshold sits just above 0.2: 0.5 and 0.95 pass, 0.15 not
+    assert op["best_detection_rate_at_same_false_alarms"] == pytest.approx(2 / 3)
+    assert operating_point(p, threshold=0.92)["best_detection_rate_at_same_false_alarms"] == pytest.approx(1 / 3)
+    result = compute_metrics(p) | {"operating_point": {"mode": "normal", "target_fpr": 0.01, **op}}
+    text = write_report(tmp_path / "r.html", result, p, "T").read_text()
+    assert "Operating point" in text and "33.3 % of 3" in text and "target false-alarm rate 1 %" in text
+
+
+def test_normal_threshold_leaves_at_most_the_target_share_above():
+    from dmdd.evaluation import normal_threshold
+
+    scores = np.arange(1000, dtype=np.float64)
+    t = normal_threshold(scores, 0.01)
+    assert (scores >= t).sum() == 10 and 989 < t <= 990
+    assert (scores[:21] >= normal_threshold(scores[:21], 0.01)).sum() == 0  # 21 images: above the largest

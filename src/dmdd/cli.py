@@ -27,9 +27,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _data_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--data", required=required, help="dataset root (with --category) or a category folder")
+    p.add_argument("--data", required=required,
+                   help="dataset root (with --category), category folder, or plain folder of good images")  # fmt: skip
     p.add_argument("--category", help="category under --data; omit when --data is the category folder")
-    p.add_argument("--layout", choices=["auto", "mvtec", "btad", "visa", "mvtec3d"], help="dataset layout (auto)")
+    p.add_argument("--layout", choices=["auto", "mvtec", "btad", "visa", "mvtec3d", "classes", "folder"],
+                   help="dataset layout (auto)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train DMDD on one category (or every category of a root)", epilog=EPILOG)
     _data_args(p, required=False)
+    p.add_argument("--normal-dir", help="a plain folder of good training images (searched recursively)")
     p.add_argument("--backbone", help="wide_resnet50_2 (paper), resnet18/34/50, efficientnet_lite0/1/2")
     p.add_argument("--weights", help="local backbone weights file instead of the ImageNet download")
     p.add_argument("--epochs", type=int, help="number of epochs (default 100) unless --steps or --minutes is given")
-    p.add_argument("--steps", type=int, help="training length in student optimiser steps (the last epoch may be partial)")
+    p.add_argument("--steps", type=int, help="training length in student optimiser steps (last epoch may be partial)")
     p.add_argument("--minutes", type=float,
                    help="training length as a wall-clock budget; converted to steps after the first epoch")  # fmt: skip
     p.add_argument("--snapshot-every", type=int, help="keep a model copy every N steps in <out>/snapshots")
@@ -60,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("test", help="evaluate a checkpoint on a labelled test split; writes metrics and report.html")
     p.add_argument("checkpoint", help="last.pt written by dmdd train")
     _data_args(p, required=False)
+    p.add_argument("--normal-dir", help="a plain folder of good test images (instead of --data)")
+    p.add_argument("--abnormal-dir", action="append", default=[], metavar="[NAME=]DIR",
+                   help="a plain folder of defective test images; repeat for several defect types (name: the "
+                        "folder's name unless NAME= is given)")  # fmt: skip
+    p.add_argument(
+        "--mask-dir",
+        help="masks of the defective images, by file stem (<stem>.png or <stem>_mask.png), "
+        "also in a sub-folder per defect type; masks may cover only some images",
+    )
     p.add_argument("--out", help="output folder (default: <checkpoint folder>/test)")
     p.add_argument("--eval-size", type=int, help="size of the pixel metrics (default: config, 256)")
     _common(p)
@@ -117,8 +129,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dmdd.engine import fit
 
     cfg = resolve_config(args)
+    if args.normal_dir:
+        if args.data:
+            raise DmddError("pass either --data or --normal-dir, not both")
+        cfg = cfg.replace(data={"root": args.normal_dir, "category": None, "layout": "folder"})
     if cfg.data.root is None:
-        raise DmddError("no data given: pass --data PATH (and --category) or set data.root in the config")
+        raise DmddError("no data given: pass --data PATH (and --category), --normal-dir DIR, or set data.root")
     root = Path(cfg.data.root)
     jobs = [(cfg.data.category, Path(args.out))]
     if cfg.data.category is None and root.is_dir():
@@ -140,7 +156,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     from dmdd.checkpoint import config_of, restore_model
-    from dmdd.data.datasets import load_category
     from dmdd.engine import select_device
     from dmdd.evaluation import evaluate
     from dmdd.report import write_report
@@ -152,16 +167,10 @@ def cmd_test(args: argparse.Namespace) -> int:
     device = select_device(args.device or "auto")
     model, payload = restore_model(args.checkpoint, device)
     cfg = config_of(payload, args.checkpoint)
-    root = args.data or cfg.data.root
-    category = args.category if args.data else cfg.data.category
-    if root is None:
-        raise DmddError("no test data given: pass --data PATH (and --category)")
     v: dict[str, dict[str, Any]] = {}
     _set(v, "train", "eval_size", args.eval_size)
     cfg = cfg.replace(**v)
-    cat = load_category(root, category, args.layout or cfg.data.layout)
-    if not cat.test:
-        raise DmddError(f"no test images found for {cat.root}; expected a test/ folder")
+    cat = _test_category(args, cfg)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "test"
     title = f"DMDD — {cat.name}"
     result, predictions = evaluate(model, cfg, cat.test, out, title=title, device=device,
@@ -173,6 +182,45 @@ def cmd_test(args: argparse.Namespace) -> int:
     print((out / "metrics.md").read_text())
     print(f"report: {report}")
     return 0
+
+
+def _named_dirs(values: list[str]) -> dict[str, Path]:
+    """``NAME=DIR`` or ``DIR`` (named after the folder) -> {name: folder}; a repeated name is an error."""
+    out: dict[str, Path] = {}
+    for value in values:
+        name, _, folder = value.rpartition("=") if "=" in value else ("", "", value)
+        path = Path(folder)
+        name = name or path.name
+        if name in out or name == "good":
+            raise DmddError(f"--abnormal-dir name {name!r} is used twice or is 'good'; give NAME=DIR")
+        out[name] = path
+    return out
+
+
+def _test_category(args: argparse.Namespace, cfg: Config):
+    """The labelled test images: plain folders (--normal-dir / --abnormal-dir / --mask-dir) or a dataset layout."""
+    from dmdd.data.datasets import Category, folder_test_records, load_category
+
+    if args.normal_dir or args.abnormal_dir:
+        if args.data:
+            raise DmddError("pass either --data or --normal-dir / --abnormal-dir, not both")
+        dirs = _named_dirs(args.abnormal_dir)
+        if args.normal_dir:
+            dirs["good"] = Path(args.normal_dir)
+        if args.mask_dir and not Path(args.mask_dir).is_dir():
+            raise DmddError(f"mask folder not found: {args.mask_dir}")
+        test = folder_test_records(dirs, Path(args.mask_dir) if args.mask_dir else None)
+        first = next(iter(dirs.values()))
+        return Category(first.name, first.parent, [], test)
+    root = args.data or cfg.data.root
+    category = args.category if args.data else cfg.data.category
+    if root is None:
+        raise DmddError("no test data given: pass --data PATH (and --category), or --normal-dir / --abnormal-dir")
+    cat = load_category(root, category, args.layout or cfg.data.layout)
+    if not cat.test:
+        raise DmddError(f"no test images found for {cat.root}; expected a test/ folder or defect folders beside good/, "
+                        "or pass --normal-dir / --abnormal-dir")  # fmt: skip
+    return cat
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -71,6 +71,7 @@ class ModelConfig:
             correction starting at zero, so it starts as the plain sum (deviation); false: the paper's head alone.
         global_attention_size: side of the MSN's global attention grid G (K x g x g, bilinearly upsampled to the
             map size); 0 uses the full map size, as in the paper.
+        map_stages: which stages' maps (of each branch) enter the fusion; all four are still trained.
         map_sigma: Gaussian smoothing (standard deviation in pixels at ``image_size``) of the final anomaly map;
             0 turns it off.
     """
@@ -91,10 +92,18 @@ class ModelConfig:
     map_normalization: bool = True
     msn_residual: bool = True
     global_attention_size: int = 8
+    map_stages: tuple[int, ...] = (1, 2, 3, 4)
     map_sigma: float = 4.0
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
+        try:
+            stages = tuple(sorted({int(i) for i in self.map_stages}))
+        except (TypeError, ValueError):
+            raise ConfigError(f"model.map_stages must be stage numbers 1..4, got {self.map_stages!r}") from None
+        if not stages or not set(stages) <= {1, 2, 3, 4}:
+            raise ConfigError(f"model.map_stages must be a non-empty subset of 1..4, got {self.map_stages!r}")
+        object.__setattr__(self, "map_stages", stages)
         if self.global_attention_size < 0 or self.map_sigma < 0:
             raise ConfigError("model.global_attention_size and model.map_sigma must be >= 0")
         if self.image_size < 32 or self.image_size % 32:
@@ -268,6 +277,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["train"]["betas"] = list(self.train.betas)
+        out["model"]["map_stages"] = list(self.model.map_stages)
         return out
 
     @classmethod

@@ -310,7 +310,8 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
                 if not state.total_steps:  # a minutes budget: fixed once, from the first epoch's speed
                     state.total_steps = steps_for_minutes(cfg.train.minutes, seconds, state.step - first_step)
                     bar.total = bar.n + (student_steps + seg_steps) * math.ceil(
-                        (state.total_steps - state.step) / student_steps)
+                        (state.total_steps - state.step) / student_steps
+                    )
                 epoch += 1
                 log = {"epoch": epoch, "step": state.step, "total_steps": state.total_steps, **log,
                        "seconds": round(seconds, 2), "foreground_policy": pairs.policy,

@@ -35,6 +35,8 @@ class Predictions:
         labels: (N,) 0 normal, 1 anomalous.
         defect_types: N names.
         paths: N image paths.
+        has_mask: (N,) whether the image's ground truth is known per pixel (good images always; defect images
+            only with a mask file); ``None``: all.
     """
 
     scores: np.ndarray
@@ -43,6 +45,10 @@ class Predictions:
     labels: np.ndarray
     defect_types: list[str]
     paths: list[str]
+    has_mask: np.ndarray | None = None
+
+    def pixel_labelled(self) -> np.ndarray:
+        return np.ones(self.labels.size, bool) if self.has_mask is None else np.asarray(self.has_mask, bool)
 
 
 @torch.inference_mode()
@@ -60,8 +66,9 @@ def predict_split(model: DMDD, records: list[Record], cfg: Config, device: torch
     model.eval()
     eval_size = cfg.train.eval_size
     data = AnomalyDataset(records, cfg.model.image_size, mask_size=eval_size)
-    scores, maps, masks, labels, types, paths = [], [], [], [], [], []
+    scores, maps, masks, labels, types, paths, has_mask = [], [], [], [], [], [], []
     for batch in DataLoader(data, batch_size=batch_size, num_workers=cfg.train.num_workers):
+        has_mask.append(np.asarray(batch["has_mask"], bool))
         s, m = run_model(model, batch["image"], device, eval_size)
         scores.append(s)
         maps.append(m.astype(np.float32))
@@ -70,7 +77,7 @@ def predict_split(model: DMDD, records: list[Record], cfg: Config, device: torch
         types += list(batch["defect_type"])
         paths += list(batch["path"])
     return Predictions(np.concatenate(scores), np.concatenate(maps), np.concatenate(masks), np.concatenate(labels),
-                       types, paths)  # fmt: skip
+                       types, paths, np.concatenate(has_mask))  # fmt: skip
 
 
 @torch.inference_mode()
@@ -98,7 +105,8 @@ def fit_map_statistics(model: DMDD, records: list[Record], cfg: Config, device: 
 
 def _split_metrics(p: Predictions, index: np.ndarray) -> dict[str, float | None]:
     labels, scores = p.labels[index], p.scores[index]
-    masks, maps = p.masks[index], p.maps[index]
+    pixel_index = index[p.pixel_labelled()[index]]  # pixel metrics: images whose ground truth is known per pixel
+    masks, maps = p.masks[pixel_index], p.maps[pixel_index]
     both = labels.min() == 0 and labels.max() == 1
     has_pixels = masks.any() and (~masks).any()
     return {
@@ -108,6 +116,8 @@ def _split_metrics(p: Predictions, index: np.ndarray) -> dict[str, float | None]
         "pixel_f1_max": metrics.f1_max(masks, maps)[0] if has_pixels else None,
         "au_pro": metrics.au_pro(masks, maps) if has_pixels else None,
         "images": int(index.size),
+        "defective_with_masks": int((p.labels[pixel_index] == 1).sum()),
+        "defective": int((labels == 1).sum()),
     }
 
 

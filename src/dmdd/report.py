@@ -35,27 +35,29 @@ def _curves(p: Predictions) -> list[tuple[str, str]]:
     from matplotlib import pyplot as plt
 
     figures = []
+    labelled = p.pixel_labelled()
+    masks, maps = p.masks[labelled], p.maps[labelled]
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
     if p.labels.min() == 0 and p.labels.max() == 1:
         fpr, tpr, _ = metrics.roc_curve(p.labels, p.scores)
         ax.plot(fpr, tpr, label=f"image (AUROC {metrics.auroc(p.labels, p.scores):.3f})")
-    if p.masks.any():
-        fpr, tpr, _ = metrics.roc_curve(p.masks, p.maps)
+    if masks.any():
+        fpr, tpr, _ = metrics.roc_curve(masks, maps)
         step = max(1, fpr.size // 5000)
-        ax.plot(fpr[::step], tpr[::step], label=f"pixel (AUROC {metrics.auroc(p.masks, p.maps):.3f})")
+        ax.plot(fpr[::step], tpr[::step], label=f"pixel (AUROC {metrics.auroc(masks, maps):.3f})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
     ax.legend(loc="lower right")
     figures.append(("ROC curves", _figure_uri(fig)))
     plt.close(fig)
-    if p.masks.any():
-        fpr, pro = metrics.pro_curve(p.masks, p.maps)
+    if masks.any():
+        fpr, pro = metrics.pro_curve(masks, maps)
         keep = fpr <= 0.3
         step = max(1, int(keep.sum()) // 5000)
         fig, ax = plt.subplots(figsize=(4.2, 3.6))
         ax.plot(fpr[keep][::step], pro[keep][::step], color="tab:green")
         ax.set(xlabel="false positive rate", ylabel="per-region overlap", xlim=(0, 0.3), ylim=(0, 1.02),
-               title=f"PRO up to FPR 0.3 (AU-PRO {metrics.au_pro(p.masks, p.maps):.3f})")  # fmt: skip
+               title=f"PRO up to FPR 0.3 (AU-PRO {metrics.au_pro(masks, maps):.3f})")  # fmt: skip
         figures.append(("PRO curve", _figure_uri(fig)))
         plt.close(fig)
     return figures
@@ -89,6 +91,19 @@ def _table_html(result: dict[str, Any]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _mask_note(result: dict[str, Any]) -> str:
+    """Says plainly when pixel metrics rest on some or none of the defective images (masks missing)."""
+    overall = result["overall"]
+    with_masks, defective = overall.get("defective_with_masks"), overall.get("defective")
+    if not defective or with_masks is None or with_masks == defective:
+        return ""
+    if with_masks == 0:
+        return ("<p><b>Pixel metrics need masks:</b> none of the defective images has one, so only image-level "
+                "metrics (I-AUROC, image F1-max, decisions) are shown.</p>")  # fmt: skip
+    return (f"<p><b>Pixel metrics need masks:</b> {with_masks} of {defective} defective images have one; the pixel "
+            "metrics use those images and the good ones.</p>")  # fmt: skip
 
 
 def _operating_html(result: dict[str, Any]) -> str:
@@ -156,6 +171,7 @@ figcaption {{ font-size: 0.85em; color: #555; }}
 <p>Metrics in %. Each defect type is evaluated together with the good test images. Panels show
 image | ground truth | anomaly map (green outline: ground truth).</p>
 {_table_html(result)}
+{_mask_note(result)}
 <h2>Operating point</h2>{_operating_html(result)}
 <h2>Curves</h2>{curves}
 <h2>Gallery</h2>{gallery}

@@ -124,30 +124,75 @@ def load_visa(root: Path) -> Category:
     return Category(name, root, _require_train(train, split_file), test)
 
 
-def load_folder(train_dir: Path, test_dirs: dict[str, Path] | None = None, mask_dir: Path | None = None) -> Category:
-    """A generic source: a folder of good training images, optional test folders (``good`` = normal), masks by stem.
+def _mask_by_stem(mask_dir: Path | None, image: Path) -> Path | None:
+    """``<mask_dir>/<stem>.png`` (or ``_mask.png``, ``.bmp``, ``.tif``) when present; masks may cover some images."""
+    if mask_dir is None:
+        return None
+    for suffix in (".png", "_mask.png", ".bmp", ".tif"):
+        if (mask_dir / f"{image.stem}{suffix}").is_file():
+            return mask_dir / f"{image.stem}{suffix}"
+    return None
 
-    Masks are looked up as ``<mask_dir>/<stem>.png`` or ``<stem>_mask.png``.
+
+def load_folder(
+    train_dir: Path,
+    test_dirs: dict[str, Path] | None = None,
+    mask_dir: Path | None = None,
+) -> Category:
+    """Plain folders: good training images (searched recursively), optional test folders by defect name (``good`` =
+    normal), masks by stem in ``mask_dir`` or its sub-folder of the same name as the defect.
+
+    Defect images without a mask are kept: they count for image metrics; pixel metrics use the images with masks.
     """
-    train = _require_train(_good(train_dir), train_dir)
+    train = _require_train(_good_recursive(train_dir), train_dir)
+    return Category(train_dir.name, train_dir, train, folder_test_records(test_dirs or {}, mask_dir))
+
+
+def folder_test_records(test_dirs: dict[str, Path], mask_dir: Path | None = None) -> list[Record]:
+    """Labelled test records from plain folders: ``{defect name or "good": folder}``; see :func:`load_folder`."""
     test: list[Record] = []
-    for name, folder in sorted((test_dirs or {}).items()):
+    for name, folder in sorted(test_dirs.items()):
+        if not folder.is_dir():
+            raise DatasetError(f"test folder not found: {folder}")
+        images = list_images(folder, recursive=True)
+        if not images:
+            raise DatasetError(f"test folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         if name == GOOD:
-            test += _good(folder)
+            test += [Record(p, None, 0, GOOD) for p in images]
             continue
-        for img in list_images(folder):
-            if mask_dir is None:
-                raise DatasetError(f"test folder {folder} holds defect images but no mask folder was given")
-            mask = _find_mask(mask_dir, img.stem, (".png", "_mask.png", ".bmp"), img)
+        for img in images:
+            mask = _mask_by_stem(mask_dir / name if mask_dir and (mask_dir / name).is_dir() else mask_dir, img)
             test.append(Record(img, mask, 1, name))
-    return Category(train_dir.name, train_dir, train, test)
+    return test
 
 
-LOADERS = {"mvtec": load_mvtec, "btad": load_btad, "visa": load_visa, "mvtec3d": load_mvtec3d}
+def _good_recursive(folder: Path) -> list[Record]:
+    return [Record(p, None, 0, GOOD) for p in list_images(folder, recursive=True)]
 
 
-def detect_layout(root: Path) -> str:
-    """Name of the layout of a category folder."""
+def load_classes(root: Path) -> Category:
+    """A category folder holding ``good/`` and one folder per defect type (no train/test split): ``good`` trains,
+    the defect folders are the test split; masks from ``ground_truth/<type>/`` or ``masks/<type>/`` when present."""
+    masks = next((root / n for n in ("ground_truth", "masks") if (root / n).is_dir()), None)
+    defects = {p.name: p for p in _class_folders(root) if p.name != GOOD}
+    return load_folder(root / GOOD, defects, masks)
+
+
+def _class_folders(root: Path) -> list[Path]:
+    skip = {"ground_truth", "masks"}
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name not in skip and not p.name.startswith("."))
+
+
+def load_plain(root: Path) -> Category:
+    """A plain folder of good images (searched recursively) and nothing else: a training set without a test split."""
+    return load_folder(root)
+
+
+LOADERS = {"mvtec": load_mvtec, "btad": load_btad, "visa": load_visa, "mvtec3d": load_mvtec3d,
+           "classes": load_classes, "folder": load_plain}  # fmt: skip
+
+
+def _structured_layout(root: Path) -> str | None:
     if (root / "train" / GOOD / "rgb").is_dir():
         return "mvtec3d"
     if (root / "train" / GOOD).is_dir():
@@ -156,22 +201,32 @@ def detect_layout(root: Path) -> str:
         return "btad"
     if (root / "Data" / "Images").is_dir():
         return "visa"
+    if (root / GOOD).is_dir() and list_images(root / GOOD, recursive=True):
+        return "classes"
+    return None
+
+
+def detect_layout(root: Path) -> str:
+    """Name of the layout of a category folder: a known benchmark layout, ``classes`` (``good/`` beside defect
+    folders) or ``folder`` (a plain folder of good images, searched recursively)."""
+    layout = _structured_layout(root)
+    if layout:
+        return layout
+    if root.is_dir() and not list_categories(root) and list_images(root, recursive=True):
+        return "folder"
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())[:8] if root.is_dir() else []
     raise DatasetError(
-        f"unknown dataset layout in {root}: expected train/good (MVTec AD, MPDD), train/good/rgb (MVTec 3D-AD), "
-        "train/ok (BTAD) or Data/Images (VisA)"
+        f"unknown dataset layout in {root} (sub-folders: {found or 'none'}): expected a folder of good images, "
+        "good/ beside defect folders, train/good (MVTec AD, MPDD), train/good/rgb (MVTec 3D-AD), train/ok (BTAD) "
+        "or Data/Images (VisA)"
     )
 
 
 def list_categories(root: Path) -> list[str]:
-    """Sub-folders of a dataset root that hold a known layout, sorted."""
-    names = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        try:
-            detect_layout(sub)
-        except DatasetError:
-            continue
-        names.append(sub.name)
-    return names
+    """Sub-folders of a dataset root that hold a known benchmark layout or ``good/`` beside defect folders, sorted."""
+    if not root.is_dir():
+        return []
+    return [p.name for p in sorted(q for q in root.iterdir() if q.is_dir()) if _structured_layout(p)]
 
 
 def load_category(root: str | Path, category: str | None = None, layout: str = "auto") -> Category:
@@ -200,7 +255,8 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class AnomalyDataset(Dataset):
-    """Evaluation samples: dicts with ``image`` (3, S, S), ``mask`` (1, E, E), ``label``, ``defect_type``, ``path``.
+    """Evaluation samples: dicts with ``image`` (3, S, S), ``mask`` (1, E, E), ``has_mask``, ``label``,
+    ``defect_type``, ``path``. A defect image without a mask file has ``has_mask`` false (and an empty mask).
 
     E = ``mask_size`` (default S); masks are resized with nearest neighbour.
 
@@ -225,6 +281,7 @@ class AnomalyDataset(Dataset):
         return {
             "image": to_tensor(image),
             "mask": torch.from_numpy(mask.astype(np.float32))[None],
+            "has_mask": r.label == 0 or r.mask is not None,
             "label": r.label,
             "defect_type": r.defect_type,
             "path": str(r.image),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -134,10 +135,17 @@ def image_size_of(path: str | Path) -> tuple[int, int]:
     return image.size[1], image.size[0]
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name; symlink loops and unreadable entries are skipped."""
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files in ``folder`` (and, with ``recursive``, its sub-folders, hidden ones skipped, symlinked folders not
+    followed), sorted by path; symlink loops and unreadable entries are skipped."""
     if not folder.is_dir():
         return []
+    if recursive:
+        found: list[Path] = []
+        for parent, dirs, _ in os.walk(folder, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += list_images(Path(parent))
+        return sorted(found)
     out = []
     for p in folder.iterdir():
         try:

@@ -65,10 +65,16 @@ class DMDD(nn.Module):
         self.pmn_abnormality = (
             PyramidModelingNetwork(direction="down-top-down", **pmn) if self.use_abnormality else None
         )
-        self.num_maps = 4 * (int(self.use_normality) + int(self.use_abnormality))
+        self.num_maps = len(cfg.map_stages) * (int(self.use_normality) + int(self.use_abnormality))
         self.segmentation = (
-            SegmentationHead(self.num_maps, cfg.image_size, cfg.seg_channels, cfg.multi_perception,
-                             cfg.global_attention_size, cfg.msn_residual)  # fmt: skip
+            SegmentationHead(
+                self.num_maps,
+                cfg.image_size,
+                cfg.seg_channels,
+                cfg.multi_perception,
+                cfg.global_attention_size,
+                cfg.msn_residual,
+            )  # fmt: skip
             if cfg.msn
             else None
         )
@@ -118,11 +124,14 @@ class DMDD(nn.Module):
         return ngm, aim
 
     def stack(self, ngm: list[torch.Tensor], aim: list[torch.Tensor], size, normalized: bool = True) -> torch.Tensor:
-        """Stage maps -> the K maps, pyramid-fused when configured and upsampled to ``size``: (B, K, *size).
+        """Stage maps -> the K maps of ``cfg.map_stages``, pyramid-fused among themselves when configured and
+        upsampled to ``size``: (B, K, *size).
 
         With ``normalized`` and ``cfg.map_normalization`` each map is standardised by the statistics of held-out
         good images (``map_mean``, ``map_std``).
         """
+        keep = [i - 1 for i in self.cfg.map_stages]
+        ngm, aim = [ngm[i] for i in keep] if ngm else [], [aim[i] for i in keep] if aim else []
         if self.cfg.pyramid_upsampling and self.segmentation is not None:
             ngm, aim = pyramid_upsample(ngm, aim)
         maps = torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in ngm + aim], 1)

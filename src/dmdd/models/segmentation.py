@@ -11,14 +11,15 @@ def pyramid_upsample(ngm: list[torch.Tensor], aim: list[torch.Tensor]) -> tuple[
     """Fuse stage maps across scales before upsampling.
 
     NGM maps top-down: P_4 = M_4, P_i = M_i + up(P_{i+1}). AIM maps bottom-up: Q_1 = M_1, Q_i = M_i + down(Q_{i-1}).
-    Maps are (B, 1, H_i, W_i) with H_i = 2 H_{i+1}.
+    Maps are (B, 1, H_i, W_i), finest first; up is bilinear, down is area averaging (2x2 average pooling when the
+    sizes halve).
     """
     p = list(ngm)
     for i in reversed(range(len(p) - 1)):
         p[i] = ngm[i] + F.interpolate(p[i + 1], size=ngm[i].shape[-2:], mode="bilinear", align_corners=False)
     q = list(aim)
     for i in range(1, len(q)):
-        q[i] = aim[i] + F.avg_pool2d(q[i - 1], kernel_size=2)
+        q[i] = aim[i] + F.adaptive_avg_pool2d(q[i - 1], aim[i].shape[-2:])
     return p, q
 
 
