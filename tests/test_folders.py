@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -116,3 +117,34 @@ def test_plain_folder_errors_are_one_line(plain, trained_plain, tmp_path, capsys
     (bad / "a.txt").write_text("x")
     assert main(["train", "--data", str(bad), "--out", str(tmp_path / "x"), *TINY]) == 2
     assert "unknown dataset layout" in capsys.readouterr().err
+
+
+def test_resize_mode_is_stored_and_used_by_predict_and_the_onnx_inferencer(tiny_tree, tmp_path):
+    from dmdd.checkpoint import load_checkpoint
+    from dmdd.inference import OnnxInferencer
+    from dmdd.predict import Predictor
+
+    good = tmp_path / "wide"
+    good.mkdir()
+    for i, src in enumerate(sorted((tiny_tree / "train/good").glob("*.png"))):
+        Image.open(src).resize((96, 48)).save(good / f"w{i}.png")  # 2:1 images
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(good), "--resize", "pad", "--out", str(out), *TINY]) == 0
+    assert load_checkpoint(out / "last.pt")["config"]["model"]["resize"] == "pad"
+    pred = tmp_path / "pred"
+    assert main(["predict", str(out / "last.pt"), str(good / "w0.png"), "--out", str(pred)]) == 0
+    summary = json.loads((pred / "results.json").read_text())
+    assert Image.open(summary["images"][0]["overlay"]).size == (96, 48)
+    assert main(["export", str(out / "last.pt"), "--format", "onnx"]) == 0
+    rgb = np.asarray(Image.open(good / "w0.png").convert("RGB"))
+    detection = OnnxInferencer(out / "model.onnx").predict(rgb)
+    predictor = Predictor(out / "last.pt", "cpu")
+    scores, maps = predictor.score([predictor_input(rgb, predictor)])
+    assert detection.anomaly_map.shape == (48, 96)
+    assert abs(detection.score - float(scores[0])) < 1e-4
+
+
+def predictor_input(rgb, predictor):
+    from dmdd.geometry import to_square
+
+    return to_square(rgb, predictor.image_size, predictor.resize)

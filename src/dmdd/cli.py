@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot-every", type=int, help="keep a model copy every N steps in <out>/snapshots")
     p.add_argument("--batch-size", type=int, help="normal/anomalous pairs per step (default 16)")
     p.add_argument("--image-size", type=int, help="input size, a multiple of 32 (default 256)")
+    p.add_argument("--resize", choices=["squash", "pad", "crop"],
+                   help="non-square images: stretch, pad (keep aspect, black borders) or centre-crop (default "
+                        "squash); stored in the checkpoint and used by test, predict and export")  # fmt: skip
     p.add_argument("--texture-dir", help="texture images for anomaly synthesis, e.g. DTD (default: procedural)")
     p.add_argument("--seed", type=int, help="one seed reproduces a run on CPU (default 0)")
     p.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast on CUDA")
@@ -113,7 +116,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     for section, key, value in [
         ("data", "root", args.data), ("data", "category", args.category), ("data", "layout", args.layout),
         ("model", "backbone", args.backbone), ("model", "weights", args.weights),
-        ("model", "image_size", args.image_size), ("train", "epochs", args.epochs),
+        ("model", "image_size", args.image_size), ("model", "resize", getattr(args, "resize", None)),
+        ("train", "epochs", args.epochs),
         ("train", "steps", getattr(args, "steps", None)), ("train", "minutes", getattr(args, "minutes", None)),
         ("train", "snapshot_every", getattr(args, "snapshot_every", None)),
         ("train", "batch_size", args.batch_size), ("train", "seed", args.seed), ("train", "amp", args.amp),

@@ -54,6 +54,9 @@ class ModelConfig:
         pretrained: load ImageNet weights (torchvision download or the packaged Lite weights).
         weights: optional local weights file for the backbone; overrides ``pretrained``.
         image_size: square input size; a multiple of 32 so the four stages halve exactly.
+        resize: how an image of any aspect ratio becomes the square input: ``squash`` (stretch), ``pad`` (keep the
+            aspect ratio, black borders) or ``crop`` (keep the aspect ratio, centre crop); the same in training,
+            test, predict and export, and maps are mapped back to each image's own pixels.
         branches: ``both`` (DMDD), or one branch only (Table 4 ablation).
         pmn_inner: Pyramid Modeling Network inner path.
         pmn_outer: Pyramid Modeling Network outer path.
@@ -80,6 +83,7 @@ class ModelConfig:
     pretrained: bool = True
     weights: str | None = None
     image_size: int = 256
+    resize: str = "squash"
     branches: Branches = "both"
     pmn_inner: bool = True
     pmn_outer: bool = True
@@ -104,6 +108,8 @@ class ModelConfig:
         if not stages or not set(stages) <= {1, 2, 3, 4}:
             raise ConfigError(f"model.map_stages must be a non-empty subset of 1..4, got {self.map_stages!r}")
         object.__setattr__(self, "map_stages", stages)
+        if self.resize not in ("squash", "pad", "crop"):
+            raise ConfigError(f"model.resize must be squash|pad|crop, got {self.resize!r}")
         if self.global_attention_size < 0 or self.map_sigma < 0:
             raise ConfigError("model.global_attention_size and model.map_sigma must be >= 0")
         if self.image_size < 32 or self.image_size % 32:

@@ -283,9 +283,8 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
         save_config(cfg, out / "config.yaml")
     train_records, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
     synthesizer = AnomalySynthesizer(cfg.synthesis)
-    pairs = PairDataset(
-        train_records, cfg.model.image_size, synthesizer, cfg.train.seed, ForegroundCache(cfg.synthesis)
-    )
+    pairs = PairDataset(train_records, cfg.model.image_size, synthesizer, cfg.train.seed,
+                        ForegroundCache(cfg.synthesis), cfg.model.resize)  # fmt: skip
     seg_steps = _segmentation_steps(pairs, cfg, ctx) if seg_obj is not None else 0
     student_steps = len(_loader(pairs, cfg, 0, 0, ctx))
     state.total_steps = planned_steps(cfg, student_steps) or state.total_steps  # minutes: the stored plan

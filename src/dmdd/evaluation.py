@@ -46,6 +46,7 @@ class Predictions:
     defect_types: list[str]
     paths: list[str]
     has_mask: np.ndarray | None = None
+    resize: str = "squash"
 
     def pixel_labelled(self) -> np.ndarray:
         return np.ones(self.labels.size, bool) if self.has_mask is None else np.asarray(self.has_mask, bool)
@@ -65,7 +66,7 @@ def predict_split(model: DMDD, records: list[Record], cfg: Config, device: torch
     """Run the model over a labelled split; masks are read at ``cfg.train.eval_size`` (nearest)."""
     model.eval()
     eval_size = cfg.train.eval_size
-    data = AnomalyDataset(records, cfg.model.image_size, mask_size=eval_size)
+    data = AnomalyDataset(records, cfg.model.image_size, mask_size=eval_size, resize=cfg.model.resize)
     scores, maps, masks, labels, types, paths, has_mask = [], [], [], [], [], [], []
     for batch in DataLoader(data, batch_size=batch_size, num_workers=cfg.train.num_workers):
         has_mask.append(np.asarray(batch["has_mask"], bool))
@@ -77,7 +78,7 @@ def predict_split(model: DMDD, records: list[Record], cfg: Config, device: torch
         types += list(batch["defect_type"])
         paths += list(batch["path"])
     return Predictions(np.concatenate(scores), np.concatenate(maps), np.concatenate(masks), np.concatenate(labels),
-                       types, paths, np.concatenate(has_mask))  # fmt: skip
+                       types, paths, np.concatenate(has_mask), cfg.model.resize)  # fmt: skip
 
 
 @torch.inference_mode()
@@ -86,7 +87,7 @@ def fit_map_statistics(model: DMDD, records: list[Record], cfg: Config, device: 
     the given good images (held-out training images: no test data). Returns (mean (K,), std (K,))."""
     was_training = model.training
     model.eval()
-    data = AnomalyDataset(records, cfg.model.image_size)
+    data = AnomalyDataset(records, cfg.model.image_size, resize=cfg.model.resize)
     total = torch.zeros(model.num_maps, dtype=torch.float64)
     squares = torch.zeros_like(total)
     count = 0
@@ -162,7 +163,8 @@ def calibrate(model: DMDD, records: list[Record], cfg: Config, device: torch.dev
     """
     model.eval()
     synthesizer = AnomalySynthesizer(cfg.synthesis)
-    pairs = PairDataset(records, cfg.model.image_size, synthesizer, cfg.train.seed, ForegroundCache(cfg.synthesis))
+    pairs = PairDataset(records, cfg.model.image_size, synthesizer, cfg.train.seed, ForegroundCache(cfg.synthesis),
+                        cfg.model.resize)  # fmt: skip
     pairs.set_epoch(0, CALIBRATION_STREAM)
     normal_scores, anomalous_scores, normal_maps, anomalous_maps, anomalous_masks = [], [], [], [], []
     for start in range(0, len(pairs), 8):
@@ -252,7 +254,7 @@ def write_overlays(p: Predictions, records: list[Record], out_dir: Path, per_typ
         if seen.get(kind, 0) >= per_type:
             continue
         seen[kind] = seen.get(kind, 0) + 1
-        image = read_image(by_path[path].image, p.maps.shape[-1])
+        image = read_image(by_path[path].image, p.maps.shape[-1], p.resize)
         panel = heatmap_panel(image, p.masks[i], p.maps[i], vmin, vmax)
         target = out_dir / f"{kind}_{Path(path).stem}.png"
         cv2.imwrite(str(target), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))

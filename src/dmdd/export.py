@@ -50,7 +50,9 @@ def metadata(model: DMDD, thresholds: dict[str, Any] | None) -> dict[str, Any]:
         "dmdd_version": __version__,
         "backbone": model.cfg.backbone,
         "image_size": model.cfg.image_size,
-        "input": "RGB float32 in [0, 1], shape (B, 3, S, S); normalisation happens inside the graph",
+        "resize": model.cfg.resize,
+        "input": "RGB float32 in [0, 1], shape (B, 3, S, S), brought to S x S with `resize` (squash, pad or crop, "
+        "dmdd.data.io.to_square); normalisation happens inside the graph",
         "outputs": {"pred_score": "(B,)", "anomaly_map": "(B, 1, S, S)"},
         "thresholds": thresholds,
     }

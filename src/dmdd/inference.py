@@ -13,8 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
+
+from dmdd.geometry import from_square, to_square
 
 
 @dataclass
@@ -56,6 +57,7 @@ class OnnxInferencer:
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         self.meta = self._metadata()
         self.image_size = int(self.meta["image_size"])
+        self.resize = self.meta.get("resize", "squash")
         thresholds = self.meta.get("thresholds") or {}
         self.image_threshold = thresholds.get("image")
         self.pixel_threshold = thresholds.get("pixel")
@@ -76,14 +78,14 @@ class OnnxInferencer:
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> (3, S, S) float32 in [0, 1]."""
-        resized = cv2.resize(image, (self.image_size, self.image_size), interpolation=cv2.INTER_AREA)
+        resized = to_square(image, self.image_size, self.resize)
         return resized.astype(np.float32).transpose(2, 0, 1) / 255.0
 
     def predict(self, image: np.ndarray) -> Detection:
         """Score one (H, W, 3) uint8 RGB image; the map comes back at the image's own size."""
         scores, maps = self.run(self.preprocess(image)[None])
         h, w = image.shape[:2]
-        amap = cv2.resize(maps[0, 0], (w, h), interpolation=cv2.INTER_LINEAR)
+        amap = from_square(maps[0, 0], (h, w), self.resize)
         score = float(scores[0])
         anomalous = None if self.image_threshold is None else score >= self.image_threshold
         mask = None if self.pixel_threshold is None else amap >= self.pixel_threshold

@@ -14,10 +14,11 @@ import torch
 
 from dmdd.checkpoint import restore_model
 from dmdd.data.datasets import to_tensor
-from dmdd.data.io import IMAGE_SUFFIXES, list_images, read_image, resize_square
+from dmdd.data.io import IMAGE_SUFFIXES, list_images, read_image
 from dmdd.engine import select_device
 from dmdd.errors import DmddError, ImageReadError
 from dmdd.evaluation import run_model
+from dmdd.geometry import from_square, to_square
 from dmdd.visualize import overlay
 
 
@@ -93,6 +94,7 @@ class Predictor:
         self.bf16 = bf16
         self.channels_last = channels_last
         self.image_size = model.cfg.image_size
+        self.resize = model.cfg.resize
         calibrated = payload.get("thresholds") or {}
         self.image_threshold = image_threshold if image_threshold is not None else calibrated.get("image")
         self.pixel_threshold = pixel_threshold if pixel_threshold is not None else calibrated.get("pixel")
@@ -139,7 +141,7 @@ class Predictor:
                     failures.append({"path": str(path), "error": exc.reason})
             if not loaded:
                 continue
-            scores, maps = self.score([resize_square(image, self.image_size) for _, image in loaded])
+            scores, maps = self.score([to_square(image, self.image_size, self.resize) for _, image in loaded])
             for (path, image), score, amap in zip(loaded, scores, maps):
                 results.append(self._write(path, image, float(score), amap, out, len(results)))
         self.write_summaries(results, failures, out)
@@ -148,7 +150,7 @@ class Predictor:
     def _write(self, path: Path, image: np.ndarray, score: float, amap: np.ndarray, out: Path, index: int):
         """Overlay and mask at the decoded image's size (the original size unless it was reduced as huge)."""
         h, w = image.shape[:2]
-        full_map = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
+        full_map = from_square(amap, (h, w), self.resize)
         mask = full_map >= self.pixel_threshold
         stem = f"{index:05d}_{path.stem}"
         overlay_path, mask_path = out / "overlays" / f"{stem}.png", out / "masks" / f"{stem}.png"

@@ -76,7 +76,7 @@ def _gallery(p: Predictions, count: int) -> list[tuple[str, list[tuple[str, str]
     for title, indices in groups:
         tiles = []
         for i in indices:
-            image = read_image(p.paths[i], p.maps.shape[-1])
+            image = read_image(p.paths[i], p.maps.shape[-1], p.resize)
             panel = heatmap_panel(image, p.masks[i], p.maps[i], vmin, vmax)
             caption = f"{p.defect_types[i]} / {Path(p.paths[i]).name} — score {p.scores[i]:.4f}"
             tiles.append((caption, _png_data_uri(panel)))

@@ -263,21 +263,24 @@ class AnomalyDataset(Dataset):
     A mask whose size differs from its image raises :class:`DatasetError` naming both files.
     """
 
-    def __init__(self, records: list[Record], image_size: int, mask_size: int | None = None) -> None:
+    def __init__(
+        self, records: list[Record], image_size: int, mask_size: int | None = None, resize: str = "squash"
+    ) -> None:
         self.records = records
         self.image_size = image_size
         self.mask_size = mask_size or image_size
+        self.resize = resize
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
         r = self.records[index]
-        image = read_image(r.image, self.image_size)
+        image = read_image(r.image, self.image_size, self.resize)
         if r.mask is None:
             mask = np.zeros((self.mask_size, self.mask_size), dtype=bool)
         else:
-            mask = read_mask(r.mask, expected_hw=image_size_of(r.image), size=self.mask_size)
+            mask = read_mask(r.mask, expected_hw=image_size_of(r.image), size=self.mask_size, mode=self.resize)
         return {
             "image": to_tensor(image),
             "mask": torch.from_numpy(mask.astype(np.float32))[None],
@@ -303,11 +306,12 @@ class PairDataset(Dataset):
         synthesizer: AnomalySynthesizer,
         seed: int,
         foregrounds: ForegroundCache | None = None,
+        resize: str = "squash",
     ) -> None:
         if not records:
             raise DatasetError("no training images")
         self.records = records
-        self.images = [read_image(r.image, image_size) for r in records]
+        self.images = [read_image(r.image, image_size, resize) for r in records]
         self.synthesizer = synthesizer
         self.seed = seed
         self.epoch = 0

@@ -6,11 +6,11 @@ import os
 import warnings
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 
 from dmdd.errors import DatasetError, ImageReadError
+from dmdd.geometry import RESIZE_MODES, from_square, resize_square, square_geometry, to_square  # noqa: F401
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Images larger than this (pixels) are reduced while decoding, before any full-size array exists.
@@ -70,8 +70,9 @@ def _to_uint8_rgb(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
 
 
-def read_image(path: str | Path, size: int | None = None) -> np.ndarray:
-    """Read an image as (H, W, 3) uint8 RGB, resized to (size, size) when given.
+def read_image(path: str | Path, size: int | None = None, mode: str = "squash") -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB, brought to (size, size) with ``mode`` when given (see
+    :func:`to_square`).
 
     Raises:
         ImageReadError: missing, empty, truncated or undecodable file.
@@ -79,24 +80,19 @@ def read_image(path: str | Path, size: int | None = None) -> np.ndarray:
     path = Path(path)
     image = _decode(_open(path), path, size)
     arr = _to_uint8_rgb(image)
-    return arr if size is None else resize_square(arr, size)
+    return arr if size is None else to_square(arr, size, mode)
 
 
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) -> (size, size, 3): area averaging when shrinking, bilinear when enlarging."""
-    if image.shape[:2] == (size, size):
-        return image
-    shrink = image.shape[0] > size
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
-def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None, size: int | None = None) -> np.ndarray:
+def read_mask(
+    path: str | Path, expected_hw: tuple[int, int] | None = None, size: int | None = None, mode: str = "squash"
+) -> np.ndarray:
     """Read a ground-truth mask as a (H, W) bool array (pixels >= 128 of 255 are anomalous).
 
     Args:
         path: mask file.
         expected_hw: the (H, W) of its image; a different mask size is an error.
-        size: resize to (size, size), nearest neighbour.
+        size: bring to (size, size) with ``mode`` (as its image), nearest neighbour.
+        mode: ``squash``, ``pad`` or ``crop`` (see :func:`to_square`).
 
     Raises:
         ImageReadError: undecodable file.
@@ -124,8 +120,8 @@ def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None, size
             stacklevel=2,
         )
     mask = grey >= 128
-    if size is not None and mask.shape != (size, size):
-        mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).astype(bool)
+    if size is not None and (mask.shape != (size, size) or mode != "squash"):
+        mask = to_square(mask.astype(np.uint8), size, mode, nearest=True).astype(bool)
     return mask
 
 

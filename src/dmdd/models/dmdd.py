@@ -133,7 +133,8 @@ class DMDD(nn.Module):
         keep = [i - 1 for i in self.cfg.map_stages]
         ngm, aim = [ngm[i] for i in keep] if ngm else [], [aim[i] for i in keep] if aim else []
         if self.cfg.pyramid_upsampling and self.segmentation is not None:
-            ngm, aim = pyramid_upsample(ngm, aim)
+            stages = self.cfg.map_stages
+            ngm, aim = pyramid_upsample(ngm, aim, [2 ** (b - a) for a, b in zip(stages, stages[1:])])
         maps = torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in ngm + aim], 1)
         if normalized and self.cfg.map_normalization:
             maps = (maps - self.map_mean.view(1, -1, 1, 1)) / self.map_std.view(1, -1, 1, 1)

@@ -7,19 +7,22 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def pyramid_upsample(ngm: list[torch.Tensor], aim: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def pyramid_upsample(
+    ngm: list[torch.Tensor], aim: list[torch.Tensor], factors: list[int] | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Fuse stage maps across scales before upsampling.
 
     NGM maps top-down: P_4 = M_4, P_i = M_i + up(P_{i+1}). AIM maps bottom-up: Q_1 = M_1, Q_i = M_i + down(Q_{i-1}).
-    Maps are (B, 1, H_i, W_i), finest first; up is bilinear, down is area averaging (2x2 average pooling when the
-    sizes halve).
+    Maps are (B, 1, H_i, W_i), finest first; up is bilinear, down is f x f average pooling with ``factors[i - 1]``
+    the size ratio of neighbouring maps (default 2: consecutive stages; static, so the graph exports).
     """
     p = list(ngm)
     for i in reversed(range(len(p) - 1)):
         p[i] = ngm[i] + F.interpolate(p[i + 1], size=ngm[i].shape[-2:], mode="bilinear", align_corners=False)
     q = list(aim)
     for i in range(1, len(q)):
-        q[i] = aim[i] + F.adaptive_avg_pool2d(q[i - 1], aim[i].shape[-2:])
+        f = factors[i - 1] if factors else 2
+        q[i] = aim[i] + F.avg_pool2d(q[i - 1], kernel_size=f)
     return p, q
 
 
