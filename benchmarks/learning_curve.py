@@ -5,6 +5,7 @@ images gives the model's own output (its default fusion) and the eight raw stage
 
 - ``default``: the model's output as configured (MSN or plain sum, normalised, smoothed);
 - ``sum_raw``: the plain sum of the eight upsampled raw maps, no smoothing, score = max (the paper's "w/o MSN");
+  ``sum_raw_smooth``: the same, smoothed; ``raw_stages...``: raw sums over some stages, smoothed;
 - ``sum_norm``: each map standardised by statistics of the held-out good training images, summed, smoothed
   (``sum_norm_sigma0``: not smoothed);
 - ``ngm_norm`` / ``aim_norm``: the same over one branch only (Table 4's single-branch maps);
@@ -22,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -32,10 +34,11 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from dmdd import metrics
-from dmdd.checkpoint import config_of, load_checkpoint, restore_model
+from dmdd.checkpoint import config_of, load_checkpoint
 from dmdd.data import load_category
 from dmdd.data.datasets import AnomalyDataset
 from dmdd.engine import split_holdout
+from dmdd.models import DMDD
 from dmdd.models.segmentation import gaussian_blur
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -85,16 +88,20 @@ def variants(raw: np.ndarray, mean: np.ndarray, std: np.ndarray, sigma: float, p
     def smooth(m: np.ndarray) -> np.ndarray:
         return gaussian_blur(torch.from_numpy(m[:, None]), sigma)[:, 0].numpy() if sigma > 0 else m
 
-    out = {"sum_raw": raw.sum(1), "sum_norm": smooth(z.sum(1)), "sum_norm_sigma0": z.sum(1)}
+    out = {"sum_raw": raw.sum(1), "sum_raw_smooth": smooth(raw.sum(1)), "sum_norm": smooth(z.sum(1)),
+           "sum_norm_sigma0": z.sum(1)}  # fmt: skip
     if k == 8:
         out["ngm_norm"] = smooth(z[:, :4].sum(1))
         out["aim_norm"] = smooth(z[:, 4:].sum(1))
+        out["ngm_raw"] = smooth(raw[:, :4].sum(1))
+        out["aim_raw"] = smooth(raw[:, 4:].sum(1))
     if local is not None:
         out["sum_norm_local"] = smooth(((raw - local[0][None]) / local[1][None]).sum(1))
     if k == 8:  # normalised sums over a subset of stages, both branches
         for stages in ((1, 2, 3), (2, 3), (2, 3, 4), (3,)):
             index = [i - 1 for i in stages] + [i + 3 for i in stages]
             out["stages" + "".join(map(str, stages))] = smooth(z[:, index].sum(1))
+            out["raw_stages" + "".join(map(str, stages))] = smooth(raw[:, index].sum(1))
     if per_map:
         names = [f"ngm{i}" for i in range(1, 5)] + [f"aim{i}" for i in range(1, 5)] if k == 8 else []
         for i, name in enumerate(names):
@@ -109,8 +116,13 @@ def score(labels, masks, maps, image_scores=None) -> dict:
 
 
 def evaluate_snapshot(path: Path, category, per_map: bool) -> dict:
-    model, payload = restore_model(path)
+    payload = load_checkpoint(path)
     cfg = config_of(payload, path)
+    model = DMDD(dataclasses.replace(cfg.model, pretrained=False, weights=None))
+    # Snapshots written before the residual head's ``sum_weights`` existed keep its initial value (a mean of z).
+    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    assert not unexpected and set(missing) <= {"segmentation.sum_weights"}, (missing, unexpected)
+    model.eval()
     _, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
     _, _, hold_raw, _, _ = raw_and_default(model, holdout, cfg.model.image_size, cfg.train.eval_size, False)
     mean, std = hold_raw.mean(axis=(0, 2, 3)), hold_raw.std(axis=(0, 2, 3)) + 1e-12

@@ -9,7 +9,7 @@ from conftest import tiny_config
 
 from dmdd import distributed
 from dmdd.checkpoint import load_checkpoint, restore_model, save_checkpoint
-from dmdd.data import load_category
+from dmdd.data import load_category, read_image
 from dmdd.engine import fit, split_holdout
 from dmdd.errors import CheckpointError, TrainingDivergedError
 from dmdd.evaluation import evaluate
@@ -154,3 +154,26 @@ def test_steps_for_minutes_and_learning_rate_schedule(tiny_tree):
     assert lr_factor(cosine, 50, 100) == pytest.approx(0.5)
     assert lr_factor(cosine, 100, 100) == pytest.approx(0.0)
     assert lr_factor(tiny_config(tiny_tree), 77, 100) == 1.0
+
+
+def test_map_statistics_make_the_residual_base_the_standardised_plain_sum(tiny_tree):
+    from dmdd.evaluation import fit_map_statistics
+    from dmdd.models import DMDD
+
+    cfg = tiny_config(tiny_tree)
+    torch.manual_seed(0)
+    model = DMDD(cfg.model).eval()
+    with torch.no_grad():  # move the student away from the teacher so the maps are not all zero
+        for p in model.student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    records = load_category(tiny_tree).train
+    mean, std = fit_map_statistics(model, records, cfg, torch.device("cpu"))
+    images = torch.stack([torch.from_numpy(read_image(r.image, 64)).permute(2, 0, 1) / 255.0 for r in records])
+    with torch.no_grad():
+        raw = model.stacked_maps(images, normalized=False)
+        z = model.stacked_maps(images)
+        base = (z * model.segmentation.sum_weights.view(1, -1, 1, 1)).sum(1)
+    plain = raw.sum(1)
+    expected = (plain - plain.mean()) / plain.std(unbiased=False)
+    assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(len(mean)), atol=1e-4)
+    assert torch.allclose(base, expected, atol=1e-3)

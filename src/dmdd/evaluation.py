@@ -84,22 +84,32 @@ def predict_split(model: DMDD, records: list[Record], cfg: Config, device: torch
 @torch.inference_mode()
 def fit_map_statistics(model: DMDD, records: list[Record], cfg: Config, device: torch.device, batch_size: int = 8):
     """Set ``model.map_mean`` / ``model.map_std`` to each map's mean and standard deviation over every pixel of
-    the given good images (held-out training images: no test data). Returns (mean (K,), std (K,))."""
+    the given good images (held-out training images: no test data), and the residual head's ``sum_weights`` so that
+    its base is the plain sum of the raw maps standardised on the same pixels. Returns (mean (K,), std (K,))."""
     was_training = model.training
     model.eval()
     data = AnomalyDataset(records, cfg.model.image_size, resize=cfg.model.resize)
     total = torch.zeros(model.num_maps, dtype=torch.float64)
     squares = torch.zeros_like(total)
+    sum_total = sum_squares = 0.0
     count = 0
     for batch in DataLoader(data, batch_size=batch_size, num_workers=cfg.train.num_workers):
         maps = model.stacked_maps(batch["image"].to(device), normalized=False).double().cpu()  # (B, K, S, S)
         total += maps.sum(dim=(0, 2, 3))
         squares += (maps**2).sum(dim=(0, 2, 3))
+        plain = maps.sum(dim=1)
+        sum_total += float(plain.sum())
+        sum_squares += float((plain**2).sum())
         count += maps[:, 0].numel()
     mean = total / count
     std = (squares / count - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
     model.map_mean.copy_(mean.float())
     model.map_std.copy_(std.float())
+    head = model.segmentation
+    if head is not None and getattr(head, "residual", False):
+        plain_std = max((sum_squares / count - (sum_total / count) ** 2) ** 0.5, 1e-6)
+        scale = std if model.cfg.map_normalization else torch.ones_like(std)
+        head.sum_weights.copy_((scale / plain_std).float())
     model.train(was_training)
     return mean.float(), std.float()
 

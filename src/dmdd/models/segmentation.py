@@ -55,10 +55,12 @@ class SegmentationHead(nn.Module):
     """Multi-perception Segmentation Head: attention over the K stacked maps, then compression to one logit map.
 
     With ``residual`` (dmdd's default, a deviation from the paper) the compression output is a correction added to
-    ``w * mean(maps) + b`` (w = 2, b = -5 at the start: on standardised maps a good pixel starts near p = 0.007, a
-    pixel 3 standard deviations up in every map near p = 0.7). The correction's last layer starts at zero, so the
-    head starts as a monotone function of the plain sum, and training on synthetic anomalies only moves it away
-    from there as far as the loss pays for.
+    ``w * base + b`` where ``base = sum_k sum_weights[k] * maps[k]``. With standardised maps z_k = (m_k - mu_k) /
+    sigma_k, :func:`dmdd.evaluation.fit_map_statistics` sets ``sum_weights[k] = sigma_k / std(sum_k m_k)``, so
+    ``base`` is the plain sum of the raw maps, standardised on held-out good images. w = 2, b = -5 at the start: a
+    good pixel starts near p = 0.007, a pixel 3 standard deviations up near p = 0.7. The correction's last layer
+    starts at zero, so the head starts as a monotone function of the plain sum, and training on synthetic anomalies
+    only moves it away from there as far as the loss pays for.
 
     Args:
         num_maps: K, number of stacked anomaly maps (8 for DMDD, 4 with one branch).
@@ -89,6 +91,7 @@ class SegmentationHead(nn.Module):
         if residual:
             self.sum_weight = nn.Parameter(torch.full((), 2.0))
             self.sum_bias = nn.Parameter(torch.full((), -5.0))
+            self.register_buffer("sum_weights", torch.full((num_maps,), 1.0 / num_maps))
         self.compress = nn.Sequential(
             nn.Conv2d(num_maps, channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(channels),
@@ -113,7 +116,8 @@ class SegmentationHead(nn.Module):
             x = x * g
         logits = self.compress(x)
         if self.residual:
-            logits = logits + self.sum_weight * maps.mean(dim=1, keepdim=True) + self.sum_bias
+            base = (maps * self.sum_weights.view(1, -1, 1, 1)).sum(dim=1, keepdim=True)
+            logits = logits + self.sum_weight * base + self.sum_bias
         return logits
 
 
