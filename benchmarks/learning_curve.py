@@ -136,28 +136,37 @@ def evaluate_snapshot(path: Path, category, per_map: bool) -> dict:
     return {"step": int(payload.get("step", 0)), "epoch": int(payload["epoch"]), "snapshot": path.name, **result}
 
 
+FUSIONS = ("default", "sum_raw", "sum_norm", "stages123", "ngm_norm", "aim_norm")
+MAPS = tuple(f"{b}{i}" for b in ("ngm", "aim") for i in range(1, 5))
+
+
 def plot(rows: list[dict], out: Path, title: str) -> None:
+    """Two rows of three panels (I-AUROC, P-AUROC, AU-PRO against steps): fusions on top, single maps below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = sorted(rows, key=lambda r: r["step"])
-    names = [k for k in rows[-1] if isinstance(rows[-1][k], dict)]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharex=True)
-    for ax, key, label in zip(axes, ("image_auroc", "pixel_auroc", "au_pro"), ("I-AUROC", "P-AUROC", "AU-PRO")):
-        for name in names:
-            pts = [(r["step"], 100 * r[name][key]) for r in rows if name in r]
-            style = "-" if name in ("default", "sum_norm", "sum_raw", "ngm_norm", "aim_norm") else ":"
-            ax.plot(*zip(*pts), style, marker="o", ms=3, label=name, lw=2 if name == "default" else 1)
-        ax.set_title(label)
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), sharex=True)
+    metrics_ = (("image_auroc", "I-AUROC"), ("pixel_auroc", "P-AUROC"), ("au_pro", "AU-PRO"))
+    for row, names in zip(axes, (FUSIONS, MAPS)):
+        for ax, (key, label) in zip(row, metrics_):
+            for name in names:
+                pts = [(r["step"], 100 * r[name][key]) for r in rows if name in r]
+                if not pts:
+                    continue
+                style = "--" if name.startswith("aim") and names is MAPS else "-"
+                ax.plot(*zip(*pts), style, marker="o", ms=3, label=name, lw=2.5 if name == "default" else 1.2)
+            ax.set_title(label)
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("% (fusions)" if names is FUSIONS else "% (single maps)")
+        row[-1].legend(fontsize=8, ncol=2)
+    for ax in axes[1]:
         ax.set_xlabel("student steps")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("%")
-    axes[-1].legend(fontsize=7, ncol=2)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
 
 
 def table(rows: list[dict]) -> str:

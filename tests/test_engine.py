@@ -156,7 +156,7 @@ def test_steps_for_minutes_and_learning_rate_schedule(tiny_tree):
     assert lr_factor(tiny_config(tiny_tree), 77, 100) == 1.0
 
 
-def test_map_statistics_make_the_residual_base_the_standardised_plain_sum(tiny_tree):
+def test_map_statistics_make_the_residual_base_the_standardised_sum_of_standardised_maps(tiny_tree):
     from dmdd.evaluation import fit_map_statistics
     from dmdd.models import DMDD
 
@@ -173,7 +173,7 @@ def test_map_statistics_make_the_residual_base_the_standardised_plain_sum(tiny_t
         raw = model.stacked_maps(images, normalized=False)
         z = model.stacked_maps(images)
         base = (z * model.segmentation.sum_weights.view(1, -1, 1, 1)).sum(1)
-    plain = raw.sum(1)
+    plain = z.sum(1)
     expected = (plain - plain.mean()) / plain.std(unbiased=False)
     assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(len(mean)), atol=1e-4)
     assert torch.allclose(base, expected, atol=1e-3)

@@ -78,6 +78,9 @@ def config_of(payload: dict[str, Any], path: str | Path = "checkpoint") -> Confi
 
 def load_model_state(model: DMDD, state: dict[str, torch.Tensor], path: str | Path) -> None:
     """Load weights strictly; a state from another backbone or architecture gives a clear error."""
+    if "segmentation.sum_weights" not in state and model.segmentation is not None and model.segmentation.residual:
+        # Written before the residual head's base weights existed: the head was trained on the mean of its inputs.
+        state = {**state, "segmentation.sum_weights": torch.full((model.num_maps,), 1.0 / model.num_maps)}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -85,21 +85,21 @@ def predict_split(model: DMDD, records: list[Record], cfg: Config, device: torch
 def fit_map_statistics(model: DMDD, records: list[Record], cfg: Config, device: torch.device, batch_size: int = 8):
     """Set ``model.map_mean`` / ``model.map_std`` to each map's mean and standard deviation over every pixel of
     the given good images (held-out training images: no test data), and the residual head's ``sum_weights`` so that
-    its base is the plain sum of the raw maps standardised on the same pixels. Returns (mean (K,), std (K,))."""
+    its base is the plain sum of its input maps (standardised maps when ``model.map_normalization``), itself
+    standardised on the same pixels. Returns (mean (K,), std (K,))."""
     was_training = model.training
     model.eval()
     data = AnomalyDataset(records, cfg.model.image_size, resize=cfg.model.resize)
     total = torch.zeros(model.num_maps, dtype=torch.float64)
     squares = torch.zeros_like(total)
-    sum_total = sum_squares = 0.0
+    moments = torch.zeros(model.num_maps, model.num_maps, dtype=torch.float64)  # sum of m m^T over pixels
     count = 0
     for batch in DataLoader(data, batch_size=batch_size, num_workers=cfg.train.num_workers):
         maps = model.stacked_maps(batch["image"].to(device), normalized=False).double().cpu()  # (B, K, S, S)
         total += maps.sum(dim=(0, 2, 3))
         squares += (maps**2).sum(dim=(0, 2, 3))
-        plain = maps.sum(dim=1)
-        sum_total += float(plain.sum())
-        sum_squares += float((plain**2).sum())
+        flat = maps.transpose(0, 1).reshape(model.num_maps, -1)
+        moments += flat @ flat.T
         count += maps[:, 0].numel()
     mean = total / count
     std = (squares / count - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
@@ -107,9 +107,10 @@ def fit_map_statistics(model: DMDD, records: list[Record], cfg: Config, device: 
     model.map_std.copy_(std.float())
     head = model.segmentation
     if head is not None and getattr(head, "residual", False):
-        plain_std = max((sum_squares / count - (sum_total / count) ** 2) ** 0.5, 1e-6)
-        scale = std if model.cfg.map_normalization else torch.ones_like(std)
-        head.sum_weights.copy_((scale / plain_std).float())
+        covariance = moments / count - torch.outer(mean, mean)
+        a = 1.0 / std if model.cfg.map_normalization else torch.ones_like(std)  # the head's input is a * (m - mu)
+        plain_std = float(a @ covariance @ a).__abs__() ** 0.5
+        head.sum_weights.fill_(1.0 / max(plain_std, 1e-6))
     model.train(was_training)
     return mean.float(), std.float()
 

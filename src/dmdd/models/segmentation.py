@@ -55,9 +55,9 @@ class SegmentationHead(nn.Module):
     """Multi-perception Segmentation Head: attention over the K stacked maps, then compression to one logit map.
 
     With ``residual`` (dmdd's default, a deviation from the paper) the compression output is a correction added to
-    ``w * base + b`` where ``base = sum_k sum_weights[k] * maps[k]``. With standardised maps z_k = (m_k - mu_k) /
-    sigma_k, :func:`dmdd.evaluation.fit_map_statistics` sets ``sum_weights[k] = sigma_k / std(sum_k m_k)``, so
-    ``base`` is the plain sum of the raw maps, standardised on held-out good images. w = 2, b = -5 at the start: a
+    ``w * base + b`` where ``base = sum_k sum_weights[k] * maps[k]``; :func:`dmdd.evaluation.fit_map_statistics`
+    sets ``sum_weights = 1 / std(sum_k maps[k])``, so ``base`` is the plain sum of the (standardised) maps,
+    itself standardised on held-out good images. w = 2, b = -5 at the start: a
     good pixel starts near p = 0.007, a pixel 3 standard deviations up near p = 0.7. The correction's last layer
     starts at zero, so the head starts as a monotone function of the plain sum, and training on synthetic anomalies
     only moves it away from there as far as the loss pays for.
