@@ -55,7 +55,7 @@ def test_kill_after_epoch_one_and_resume_reaches_the_same_weights(tiny_tree, tmp
 
 def test_resume_refuses_another_model_configuration(tiny_tree, tmp_path):
     fit(tiny_config(tiny_tree), tmp_path / "r", progress=False)
-    cfg = tiny_config(tiny_tree, epochs=2).replace(model={"msn": False})
+    cfg = tiny_config(tiny_tree, epochs=2).replace(model={"msn": True})
     with pytest.raises(CheckpointError, match="different model configuration"):
         fit(cfg, tmp_path / "r", resume=True, progress=False)
 
@@ -109,7 +109,8 @@ def test_holdout_is_seeded_and_disjoint(tiny_tree):
 
 def test_student_training_does_not_depend_on_the_msn(tiny_tree, tmp_path):
     """The "w/o MSN" evaluation of a trained student equals a run with the MSN switched off."""
-    with_msn = load_checkpoint(fit(tiny_config(tiny_tree, epochs=2), tmp_path / "msn", progress=False))
+    msn_cfg = tiny_config(tiny_tree, epochs=2).replace(model={"msn": True})
+    with_msn = load_checkpoint(fit(msn_cfg, tmp_path / "msn", progress=False))
     cfg = tiny_config(tiny_tree, epochs=2).replace(model={"msn": False})
     without = load_checkpoint(fit(cfg, tmp_path / "plain", progress=False))
     assert set(without["model"]) < set(with_msn["model"])
@@ -160,7 +161,7 @@ def test_map_statistics_make_the_residual_base_the_standardised_sum_of_standardi
     from dmdd.evaluation import fit_map_statistics
     from dmdd.models import DMDD
 
-    cfg = tiny_config(tiny_tree)
+    cfg = tiny_config(tiny_tree).replace(model={"msn": True})
     torch.manual_seed(0)
     model = DMDD(cfg.model).eval()
     with torch.no_grad():  # move the student away from the teacher so the maps are not all zero
@@ -177,3 +178,16 @@ def test_map_statistics_make_the_residual_base_the_standardised_sum_of_standardi
     expected = (plain - plain.mean()) / plain.std(unbiased=False)
     assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(len(mean)), atol=1e-4)
     assert torch.allclose(base, expected, atol=1e-3)
+
+
+def test_checkpoint_without_residual_base_weights_loads_with_the_mean_base(tiny_tree, tmp_path):
+    ckpt = fit(tiny_config(tiny_tree).replace(model={"msn": True}), tmp_path / "o", progress=False)
+    payload = load_checkpoint(ckpt)
+    del payload["model"]["segmentation.sum_weights"]  # as written before the weights existed
+    save_checkpoint(tmp_path / "old.pt", {k: v for k, v in payload.items() if not k.startswith("format")})
+    model, _ = restore_model(tmp_path / "old.pt")
+    assert torch.allclose(model.segmentation.sum_weights, torch.full((8,), 1 / 8))
+    del payload["model"]["map_std"]  # anything else missing is still an error
+    save_checkpoint(tmp_path / "older.pt", {k: v for k, v in payload.items() if not k.startswith("format")})
+    with pytest.raises(CheckpointError, match="does not match"):
+        restore_model(tmp_path / "older.pt")

@@ -17,7 +17,7 @@ BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "
 
 def make(**kw) -> DMDD:
     torch.manual_seed(0)
-    base = dict(backbone="efficientnet_lite0", image_size=64)
+    base = dict(backbone="efficientnet_lite0", image_size=64, msn=True)  # the MSN is opt-in; most tests cover it
     return DMDD(ModelConfig(**{**base, **kw}))
 
 

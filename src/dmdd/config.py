@@ -60,7 +60,9 @@ class ModelConfig:
         branches: ``both`` (DMDD), or one branch only (Table 4 ablation).
         pmn_inner: Pyramid Modeling Network inner path.
         pmn_outer: Pyramid Modeling Network outer path.
-        msn: Multi-perception Segmentation Network; off gives the plain sum of the maps, score = max.
+        msn: Multi-perception Segmentation Network (the paper's fusion). Off (dmdd's default, a deviation: on
+            real defects the trained head was worse than the plain sum, docs/deviations.md) gives the smoothed sum
+            of the standardised maps, score = max.
         pyramid_upsampling: fuse stage maps top-down (NGM) / bottom-up (AIM) before upsampling.
         multi_perception: channel, spatial and global attention in the segmentation head.
         seg_channels: width of the channel-compression conv stack.
@@ -87,7 +89,7 @@ class ModelConfig:
     branches: Branches = "both"
     pmn_inner: bool = True
     pmn_outer: bool = True
-    msn: bool = True
+    msn: bool = False
     pyramid_upsampling: bool = True
     multi_perception: bool = True
     seg_channels: int = 16
