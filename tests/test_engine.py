@@ -171,7 +171,6 @@ def test_map_statistics_make_the_residual_base_the_standardised_sum_of_standardi
     mean, std = fit_map_statistics(model, records, cfg, torch.device("cpu"))
     images = torch.stack([torch.from_numpy(read_image(r.image, 64)).permute(2, 0, 1) / 255.0 for r in records])
     with torch.no_grad():
-        raw = model.stacked_maps(images, normalized=False)
         z = model.stacked_maps(images)
         base = (z * model.segmentation.sum_weights.view(1, -1, 1, 1)).sum(1)
     plain = z.sum(1)
