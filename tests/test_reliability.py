@@ -123,7 +123,7 @@ def _interrupt_after_first_epoch(cmd: list[str], log: Path, sig: int) -> subproc
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_mid_training_leaves_a_usable_checkpoint_and_resume_matches(tiny_tree, tmp_path, sig):
-    epochs = 4
+    epochs = 12  # enough epochs left after the first that the signal lands mid-run
     out = tmp_path / "interrupted"
     run = _interrupt_after_first_epoch(_train_cmd(tiny_tree, out, epochs), out / "train_log.jsonl", sig)
     assert run.returncode == 2, run.stderr[-1500:]
