@@ -11,22 +11,18 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import checkpoint_parser, open_checkpoint
 from torch import nn
 from torch.nn import functional as F
 
-from dmdd.checkpoint import config_of, restore_model
 from dmdd.data import load_category
 from dmdd.data.datasets import to_tensor
 from dmdd.data.foreground import ForegroundCache
 from dmdd.data.io import read_image
-
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 def weight_drift(model) -> dict:
@@ -71,15 +67,8 @@ def background_share(model, cfg, records) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
-    p.add_argument("--category", required=True)
-    p.add_argument("--data", default=str(DATA))
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, payload = restore_model(args.checkpoint)
-    cfg = config_of(payload)
+    args = checkpoint_parser(__doc__, threads=1).parse_args(argv)
+    model, payload, cfg = open_checkpoint(args)
     good = [r for r in load_category(args.data, args.category).test if r.label == 0]
     result = {"checkpoint": args.checkpoint, "step": payload.get("step"), "weight_drift": weight_drift(model),
               "top1pct_on_background_good_test": background_share(model, cfg, good)}  # fmt: skip

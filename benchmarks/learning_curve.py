@@ -22,26 +22,22 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import add_data_args, parser
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from dmdd import metrics
-from dmdd.checkpoint import config_of, load_checkpoint
+from dmdd.checkpoint import config_of, load_checkpoint, restore_model
 from dmdd.data import load_category
 from dmdd.data.datasets import AnomalyDataset
 from dmdd.engine import split_holdout
-from dmdd.models import DMDD
 from dmdd.models.segmentation import gaussian_blur
-
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 @torch.inference_mode()
@@ -116,13 +112,8 @@ def score(labels, masks, maps, image_scores=None) -> dict:
 
 
 def evaluate_snapshot(path: Path, category, per_map: bool) -> dict:
-    payload = load_checkpoint(path)
+    model, payload = restore_model(path)
     cfg = config_of(payload, path)
-    model = DMDD(dataclasses.replace(cfg.model, pretrained=False, weights=None))
-    # Snapshots written before the residual head's ``sum_weights`` existed keep its initial value (a mean of z).
-    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
-    assert not unexpected and set(missing) <= {"segmentation.sum_weights"}, (missing, unexpected)
-    model.eval()
     _, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
     _, _, hold_raw, _, _ = raw_and_default(model, holdout, cfg.model.image_size, cfg.train.eval_size, False)
     mean, std = hold_raw.mean(axis=(0, 2, 3)), hold_raw.std(axis=(0, 2, 3)) + 1e-12
@@ -183,11 +174,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("run", help="run folder with snapshots/")
-    p.add_argument("--category", required=True)
-    p.add_argument("--data", default=str(DATA))
-    p.add_argument("--threads", type=int, default=2)
+    add_data_args(p)
     p.add_argument("--per-map", action="store_true", help="also every single map")
     p.add_argument("--only", nargs="*", type=int, help="evaluate only these steps")
     args = p.parse_args(argv)

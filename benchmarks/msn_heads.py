@@ -15,17 +15,16 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import checkpoint_parser, open_checkpoint
 from torch.utils.data import DataLoader
 
 from dmdd import metrics
-from dmdd.checkpoint import config_of, restore_model
 from dmdd.data import load_category
 from dmdd.data.datasets import AnomalyDataset, PairDataset
 from dmdd.data.foreground import ForegroundCache
@@ -34,7 +33,6 @@ from dmdd.engine import split_holdout
 from dmdd.losses import segmentation_loss
 from dmdd.models.segmentation import SegmentationHead, gaussian_blur, top_k_score
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 POOL_STREAM = 20_000
 
 
@@ -87,18 +85,12 @@ def scores(maps: np.ndarray, image_scores: np.ndarray, masks, labels) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
-    p.add_argument("--category", required=True)
-    p.add_argument("--data", default=str(DATA))
+    p = checkpoint_parser(__doc__)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--pairs", type=int, default=64, help="size of the pool of synthetic pairs")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, payload = restore_model(args.checkpoint)
-    cfg = config_of(payload)
+    model, payload, cfg = open_checkpoint(args)
     category = load_category(args.data, args.category)
     train, _ = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
     start = time.perf_counter()

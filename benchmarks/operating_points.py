@@ -9,29 +9,18 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import torch
+from common import checkpoint_parser, open_checkpoint
 
-from dmdd.checkpoint import config_of, restore_model
 from dmdd.data import load_category
 from dmdd.evaluation import operating_point, predict_split
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
-    p.add_argument("--category", required=True)
-    p.add_argument("--data", default=str(DATA))
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, payload = restore_model(args.checkpoint)
-    cfg = config_of(payload)
+    args = checkpoint_parser(__doc__).parse_args(argv)
+    model, payload, cfg = open_checkpoint(args)
     thresholds = payload.get("thresholds") or {}
     predictions = predict_split(model, load_category(args.data, args.category).test, cfg, torch.device("cpu"))
     out = {}

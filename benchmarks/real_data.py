@@ -7,7 +7,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import resource
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
+from common import add_data_args, parse_overrides, parser
 
 from dmdd.checkpoint import restore_model
 from dmdd.config import Config
@@ -25,28 +24,15 @@ from dmdd.engine import fit, split_holdout
 from dmdd.evaluation import evaluate, fit_map_statistics
 from dmdd.models import DMDD
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for pair in pairs:
-        key, value = pair.split("=", 1)
-        section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = yaml.safe_load(value)
-    return out
-
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--category", required=True)
-    p.add_argument("--data", default=str(DATA))
+    p = parser(__doc__)
+    add_data_args(p)
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--epochs", type=int, default=100, help="training length unless --steps or --minutes is given")
     p.add_argument("--steps", type=int, default=0, help="training length in student steps")
     p.add_argument("--minutes", type=float, default=0.0, help="training length as a wall-clock budget")
     p.add_argument("--snapshot-every", type=int, default=0, help="keep a model copy every N steps (learning curves)")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--set", action="append", default=[], help="SECTION.OPTION=VALUE, e.g. train.lr_pretrained=1e-4")
     p.add_argument("--out", required=True)
     p.add_argument("--also-without-msn", action="store_true", help="also evaluate the plain-sum (w/o MSN) variant")

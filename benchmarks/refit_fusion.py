@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_data import parse_overrides  # noqa: E402
+from common import parse_overrides  # noqa: E402
 
 from dmdd.checkpoint import config_of, load_checkpoint, save_checkpoint  # noqa: E402
 from dmdd.data import load_category  # noqa: E402

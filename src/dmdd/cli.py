@@ -116,10 +116,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
     for section, key, value in [
         ("data", "root", args.data), ("data", "category", args.category), ("data", "layout", args.layout),
         ("model", "backbone", args.backbone), ("model", "weights", args.weights),
-        ("model", "image_size", args.image_size), ("model", "resize", getattr(args, "resize", None)),
-        ("train", "epochs", args.epochs),
-        ("train", "steps", getattr(args, "steps", None)), ("train", "minutes", getattr(args, "minutes", None)),
-        ("train", "snapshot_every", getattr(args, "snapshot_every", None)),
+        ("model", "image_size", args.image_size), ("model", "resize", args.resize), ("train", "epochs", args.epochs),
+        ("train", "steps", args.steps), ("train", "minutes", args.minutes),
+        ("train", "snapshot_every", args.snapshot_every),
         ("train", "batch_size", args.batch_size), ("train", "seed", args.seed), ("train", "amp", args.amp),
         ("train", "device", args.device), ("train", "num_threads", args.threads),
         ("synthesis", "texture_dir", args.texture_dir),

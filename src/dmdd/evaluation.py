@@ -91,25 +91,23 @@ def fit_map_statistics(model: DMDD, records: list[Record], cfg: Config, device: 
     model.eval()
     data = AnomalyDataset(records, cfg.model.image_size, resize=cfg.model.resize)
     total = torch.zeros(model.num_maps, dtype=torch.float64)
-    squares = torch.zeros_like(total)
     moments = torch.zeros(model.num_maps, model.num_maps, dtype=torch.float64)  # sum of m m^T over pixels
     count = 0
     for batch in DataLoader(data, batch_size=batch_size, num_workers=cfg.train.num_workers):
         maps = model.stacked_maps(batch["image"].to(device), normalized=False).double().cpu()  # (B, K, S, S)
         total += maps.sum(dim=(0, 2, 3))
-        squares += (maps**2).sum(dim=(0, 2, 3))
         flat = maps.transpose(0, 1).reshape(model.num_maps, -1)
         moments += flat @ flat.T
         count += maps[:, 0].numel()
     mean = total / count
-    std = (squares / count - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
+    std = (moments.diagonal() / count - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
     model.map_mean.copy_(mean.float())
     model.map_std.copy_(std.float())
     head = model.segmentation
     if head is not None and getattr(head, "residual", False):
         covariance = moments / count - torch.outer(mean, mean)
         a = 1.0 / std if model.cfg.map_normalization else torch.ones_like(std)  # the head's input is a * (m - mu)
-        plain_std = float(a @ covariance @ a).__abs__() ** 0.5
+        plain_std = abs(float(a @ covariance @ a)) ** 0.5
         head.sum_weights.fill_(1.0 / max(plain_std, 1e-6))
     model.train(was_training)
     return mean.float(), std.float()

@@ -9,11 +9,6 @@ import numpy as np
 RESIZE_MODES = ("squash", "pad", "crop")
 
 
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) -> (size, size, 3): area averaging when shrinking, bilinear when enlarging."""
-    return _resize(image, size, size)
-
-
 def _resize(image: np.ndarray, h: int, w: int, nearest: bool = False) -> np.ndarray:
     if image.shape[:2] == (h, w):
         return image

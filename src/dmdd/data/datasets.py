@@ -45,17 +45,21 @@ class Category:
     test: list[Record]
 
 
+def _first_file(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None:
+    return next((folder / f"{stem}{s}" for s in suffixes if (folder / f"{stem}{s}").is_file()), None)
+
+
 def _find_mask(folder: Path, stem: str, suffixes: tuple[str, ...], image: Path) -> Path:
-    for name in (f"{stem}{s}" for s in suffixes):
-        if (folder / name).is_file():
-            return folder / name
+    found = _first_file(folder, stem, suffixes)
+    if found is not None:
+        return found
     raise DatasetError(
         f"defect image {image} has no mask; expected {folder / (stem + suffixes[0])}: add the mask or move the image"
     )
 
 
-def _good(folder: Path) -> list[Record]:
-    return [Record(p, None, 0, GOOD) for p in list_images(folder)]
+def _good(folder: Path, recursive: bool = False) -> list[Record]:
+    return [Record(p, None, 0, GOOD) for p in list_images(folder, recursive)]
 
 
 def _require_train(records: list[Record], folder: Path) -> list[Record]:
@@ -124,16 +128,6 @@ def load_visa(root: Path) -> Category:
     return Category(name, root, _require_train(train, split_file), test)
 
 
-def _mask_by_stem(mask_dir: Path | None, image: Path) -> Path | None:
-    """``<mask_dir>/<stem>.png`` (or ``_mask.png``, ``.bmp``, ``.tif``) when present; masks may cover some images."""
-    if mask_dir is None:
-        return None
-    for suffix in (".png", "_mask.png", ".bmp", ".tif"):
-        if (mask_dir / f"{image.stem}{suffix}").is_file():
-            return mask_dir / f"{image.stem}{suffix}"
-    return None
-
-
 def load_folder(
     train_dir: Path,
     test_dirs: dict[str, Path] | None = None,
@@ -144,7 +138,7 @@ def load_folder(
 
     Defect images without a mask are kept: they count for image metrics; pixel metrics use the images with masks.
     """
-    train = _require_train(_good_recursive(train_dir), train_dir)
+    train = _require_train(_good(train_dir, recursive=True), train_dir)
     return Category(train_dir.name, train_dir, train, folder_test_records(test_dirs or {}, mask_dir))
 
 
@@ -160,14 +154,11 @@ def folder_test_records(test_dirs: dict[str, Path], mask_dir: Path | None = None
         if name == GOOD:
             test += [Record(p, None, 0, GOOD) for p in images]
             continue
-        for img in images:
-            mask = _mask_by_stem(mask_dir / name if mask_dir and (mask_dir / name).is_dir() else mask_dir, img)
+        masks = mask_dir / name if mask_dir and (mask_dir / name).is_dir() else mask_dir
+        for img in images:  # masks may cover only some images
+            mask = _first_file(masks, img.stem, (".png", "_mask.png", ".bmp", ".tif")) if masks else None
             test.append(Record(img, mask, 1, name))
     return test
-
-
-def _good_recursive(folder: Path) -> list[Record]:
-    return [Record(p, None, 0, GOOD) for p in list_images(folder, recursive=True)]
 
 
 def load_classes(root: Path) -> Category:
@@ -183,13 +174,8 @@ def _class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name not in skip and not p.name.startswith("."))
 
 
-def load_plain(root: Path) -> Category:
-    """A plain folder of good images (searched recursively) and nothing else: a training set without a test split."""
-    return load_folder(root)
-
-
 LOADERS = {"mvtec": load_mvtec, "btad": load_btad, "visa": load_visa, "mvtec3d": load_mvtec3d,
-           "classes": load_classes, "folder": load_plain}  # fmt: skip
+           "classes": load_classes, "folder": load_folder}  # fmt: skip
 
 
 def _structured_layout(root: Path) -> str | None:

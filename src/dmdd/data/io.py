@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from dmdd.errors import DatasetError, ImageReadError
-from dmdd.geometry import RESIZE_MODES, from_square, resize_square, square_geometry, to_square  # noqa: F401
+from dmdd.geometry import to_square
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Images larger than this (pixels) are reduced while decoding, before any full-size array exists.
