@@ -114,14 +114,22 @@ def test_every_ablation_builds_and_runs_forward_backward(ablation):
     assert out.anomaly_map.shape == (2, 1, 64, 64) and torch.isfinite(out.pred_score).all()
 
 
-def test_without_msn_map_is_plain_sum_and_score_is_max():
-    model = make(msn=False, map_sigma=0.0).eval()
+def test_without_msn_map_is_plain_sum_and_score_is_its_top_k_mean_or_max():
+    model = make(msn=False, map_sigma=0.0, top_k=5).eval()
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         out = model(x)
         stacked = model.stacked_maps(x)
     assert torch.allclose(out.anomaly_map, stacked.sum(1, keepdim=True))
-    assert torch.allclose(out.pred_score, out.anomaly_map.flatten(1).amax(1))
+    flat = out.anomaly_map.flatten(1)
+    by_sorting = torch.stack([row.sort(descending=True).values[:5].mean() for row in flat])
+    assert torch.allclose(out.pred_score, by_sorting)
+    assert (out.pred_score < flat.amax(1)).all()
+    model.cfg = dataclasses.replace(model.cfg, image_score="max")
+    with torch.no_grad():
+        assert torch.allclose(model(x).pred_score, flat.amax(1))
+    with pytest.raises(ConfigError, match="image_score"):
+        ModelConfig(image_score="mean")
 
 
 def test_residual_msn_starts_as_a_monotone_function_of_the_plain_sum():

@@ -70,8 +70,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def config_of(payload: dict[str, Any], path: str | Path = "checkpoint") -> Config:
+    raw = payload["config"]
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if isinstance(model, dict) and "image_score" not in model and not model.get("msn", False):
+        # Written before model.image_score existed: the plain sum was scored by its maximum (thresholds too).
+        raw = {**raw, "model": {**model, "image_score": "max"}}
     try:
-        return Config.from_dict(payload["config"])
+        return Config.from_dict(raw)
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{path} holds an unreadable config ({exc})") from exc
 

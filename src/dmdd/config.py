@@ -62,11 +62,14 @@ class ModelConfig:
         pmn_outer: Pyramid Modeling Network outer path.
         msn: Multi-perception Segmentation Network (the paper's fusion). Off (dmdd's default, a deviation: on
             real defects the trained head was worse than the plain sum, docs/deviations.md) gives the smoothed sum
-            of the standardised maps, score = max.
+            of the standardised maps, scored as ``image_score`` says.
         pyramid_upsampling: fuse stage maps top-down (NGM) / bottom-up (AIM) before upsampling.
         multi_perception: channel, spatial and global attention in the segmentation head.
         seg_channels: width of the channel-compression conv stack.
         top_k: number of largest map values averaged into the image score (paper: 100).
+        image_score: how the plain-sum map (``msn`` off) becomes the image score: ``top_k`` (the mean of its
+            ``top_k`` largest values, as the paper scores the MSN output; chosen, docs/deviations.md) or ``max``
+            (checkpoints written before this option). The MSN output is always scored by its top-k mean.
         student_bn_frozen: keep the student's BatchNorm statistics at their pretrained values
             (affine parameters still train). *(chosen)*: keeps student = teacher at initialisation,
             is robust to small batches and needs no SyncBatchNorm under DDP.
@@ -94,6 +97,7 @@ class ModelConfig:
     multi_perception: bool = True
     seg_channels: int = 16
     top_k: int = 100
+    image_score: str = "top_k"
     student_bn_frozen: bool = True
     map_normalization: bool = True
     msn_residual: bool = True
@@ -118,6 +122,8 @@ class ModelConfig:
             raise ConfigError(f"model.image_size must be a positive multiple of 32, got {self.image_size}")
         if self.branches not in ("both", "normality", "abnormality"):
             raise ConfigError(f"model.branches must be both|normality|abnormality, got {self.branches!r}")
+        if self.image_score not in ("top_k", "max"):
+            raise ConfigError(f"model.image_score must be top_k|max, got {self.image_score!r}")
         if self.top_k < 1 or self.seg_channels < 1:
             raise ConfigError("model.top_k and model.seg_channels must be >= 1")
 

@@ -152,7 +152,9 @@ class DMDD(nn.Module):
         """Eval-mode fusion of the (B, K, S, S) stacked maps into the anomaly map and the image score."""
         if self.segmentation is None:
             maps = self.smooth(stacked.sum(dim=1, keepdim=True))  # (B, 1, S, S), "w/o MSN"
-            return InferenceOutput(maps.flatten(1).amax(dim=1), maps)
+            if self.cfg.image_score == "max":
+                return InferenceOutput(maps.flatten(1).amax(dim=1), maps)
+            return InferenceOutput(top_k_score(maps, self.cfg.top_k), maps)
         anomaly_map = self.smooth(torch.sigmoid(self.segmentation(stacked)))
         return InferenceOutput(top_k_score(anomaly_map, self.cfg.top_k), anomaly_map)
 
