@@ -135,9 +135,10 @@ def summary(times: dict[str, list[float]], counts: dict[str, int], images: int) 
     rows = []
     for name, t in times.items():
         med = statistics.median(t)
+        gflop = counts[name] / 1e9
         rows.append({"part": name, "median_ms": round(1000 * med, 1), "min_ms": round(1000 * min(t), 1),
                      "max_ms": round(1000 * max(t), 1), "share": round(med / total, 3),
-                     "gflop": round(counts[name] / 1e9, 2), "gflop_per_s": round(counts[name] / med / 1e9, 1)})  # fmt: skip
+                     "gflop": round(gflop, 2), "gflop_per_s": round(gflop / med, 1)})  # fmt: skip
     rows.append({"part": "total", "median_ms": round(1000 * total, 1), "per_image_ms": round(1000 * total / images, 1),
                  "gflop": round(sum(counts.values()) / 1e9, 2),
                  "gflop_per_s": round(sum(counts.values()) / total / 1e9, 1)})  # fmt: skip

@@ -56,7 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "squash); stored in the checkpoint and used by test, predict and export")  # fmt: skip
     p.add_argument("--texture-dir", help="texture images for anomaly synthesis, e.g. DTD (default: procedural)")
     p.add_argument("--seed", type=int, help="one seed reproduces a run on CPU (default 0)")
-    p.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast on CUDA")
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        default=None,
+        help="bfloat16 autocast of the training forward (CUDA or CPU; faster, not bit-exact)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels-last memory layout while training (default: train.channels_last)",
+    )
     p.add_argument("--config", help="YAML config file; see `dmdd train --help` options for its fields")
     p.add_argument("--out", default="runs/dmdd", help="output folder (default runs/dmdd); one sub-folder per category")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt when present")
@@ -120,6 +131,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         ("train", "steps", args.steps), ("train", "minutes", args.minutes),
         ("train", "snapshot_every", args.snapshot_every),
         ("train", "batch_size", args.batch_size), ("train", "seed", args.seed), ("train", "amp", args.amp),
+        ("train", "channels_last", args.channels_last),
         ("train", "device", args.device), ("train", "num_threads", args.threads),
         ("synthesis", "texture_dir", args.texture_dir),
     ]:  # fmt: skip

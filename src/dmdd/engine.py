@@ -135,9 +135,15 @@ def _loader(pairs: PairDataset, cfg: Config, epoch: int, stream: int, ctx: DistC
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bfloat16 autocast of the training forward (``train.amp``) on CUDA or CPU; losses reduce in fp32 (the cosine
+    distances cast their inputs to float)."""
+    if enabled and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _memory_format(cfg: Config) -> torch.memory_format:
+    return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, what: str) -> None:
@@ -160,7 +166,9 @@ def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ct
         factor = lr_factor(cfg, state.step, state.total_steps)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
-        normal, anomalous, mask = normal.to(device), anomalous.to(device), mask.to(device)
+        fmt = _memory_format(cfg)
+        normal, anomalous = normal.to(device, memory_format=fmt), anomalous.to(device, memory_format=fmt)
+        mask = mask.to(device)
         with _autocast(device, cfg.train.amp):
             loss, ngm, aim = objective(normal, anomalous, mask)
         _check_finite(loss, epoch, "student")
@@ -200,7 +208,7 @@ def train_segmentation_epoch(model, objective, pairs, optimizer, cfg, device, ep
     model.segmentation.train()
     total, steps = 0.0, 0
     for normal, anomalous, mask in _segmentation_batches(pairs, cfg, epoch, ctx):
-        images = torch.cat([normal, anomalous]).to(device)
+        images = torch.cat([normal, anomalous]).to(device, memory_format=_memory_format(cfg))
         masks = torch.cat([torch.zeros_like(mask), mask]).to(device)
         with _autocast(device, cfg.train.amp):
             loss = objective(images, masks)
@@ -271,7 +279,7 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     if ctx.active and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     torch.manual_seed(cfg.train.seed)
-    model = DMDD(cfg.model).to(device)
+    model = DMDD(cfg.model).to(device, memory_format=_memory_format(cfg))
     student_opt, seg_opt = build_optimizers(model, cfg)
     state = TrainState()
     if resume and ckpt_path.is_file():

@@ -1,0 +1,130 @@
+"""Training and inference speed levers, each a row, timed interleaved in one process (median, min, max).
+
+Training (one student step on 16 pairs, Lite0, 256 px, the real objective and optimiser):
+  ``fp32``, ``channels-last``, ``channels-last + bf16`` (CPU autocast of the whole step, as ``train.amp`` does).
+Inference (a batch of 8 images through the default model, ``inference_mode``):
+  ``fp32``, ``channels-last``, ``channels-last + bf16 backbones`` (teacher, student and PMN under autocast; maps,
+  standardisation and smoothing in fp32), with the largest map difference to fp32 on the same inputs.
+
+The repetitions of all variants are interleaved (A B C A B C ...) so that slow phases of a shared machine hit every
+variant alike. Run it alone on the machine:
+
+    python benchmarks/speed_levers.py --threads 2 --reps 5 --out benchmarks/speed_levers.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from common import parser
+
+from dmdd.checkpoint import restore_model
+from dmdd.config import Config
+from dmdd.distributed import StudentObjective
+from dmdd.engine import build_optimizers
+from dmdd.models import DMDD
+
+
+def stats(times: list[float], per: int) -> dict:
+    med = statistics.median(times)
+    return {"median_s": round(med, 4), "min_s": round(min(times), 4), "max_s": round(max(times), 4),
+            "per_image_ms": round(1000 * med / per, 2), "images_per_s": round(per / med, 2)}  # fmt: skip
+
+
+def bf16() -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def training(cfg: Config, reps: int, batch: int, gen: torch.Generator) -> dict:
+    size = cfg.model.image_size
+    model = DMDD(cfg.model)
+    objective = StudentObjective(model, cfg)
+    opt, _ = build_optimizers(model, cfg)
+    normal, anomalous = (torch.rand(batch, 3, size, size, generator=gen) for _ in range(2))
+    mask = (torch.rand(batch, 1, size, size, generator=gen) > 0.9).float()
+    variants = {"fp32": (torch.contiguous_format, contextlib.nullcontext),
+                "channels-last": (torch.channels_last, contextlib.nullcontext),
+                "channels-last + bf16": (torch.channels_last, bf16)}  # fmt: skip
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    model.train()
+    for rep in range(reps + 1):
+        for name, (fmt, autocast) in variants.items():
+            model.to(memory_format=fmt)
+            n, a = normal.contiguous(memory_format=fmt), anomalous.contiguous(memory_format=fmt)
+            start = time.perf_counter()
+            with autocast():
+                loss, _, _ = objective(n, a, mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if rep:  # the first round warms up every variant
+                times[name].append(time.perf_counter() - start)
+    return {name: stats(t, 2 * batch) for name, t in times.items()}
+
+
+@torch.inference_mode()
+def inference(cfg: Config, reps: int, batch: int, gen: torch.Generator, checkpoint: str | None) -> dict:
+    size = cfg.model.image_size
+    if checkpoint:  # a trained model: its maps are what a user gets
+        model, _ = restore_model(checkpoint)
+    else:  # an untrained student equals its teacher (all maps 0): move it off so that differences mean something
+        model = DMDD(cfg.model).eval()
+        for param in model.student.parameters():
+            param.add_(0.05 * param.std().nan_to_num(0.0) * torch.randn(param.shape, generator=gen))
+    images = torch.rand(batch, 3, size, size, generator=gen)
+
+    def backbones_bf16(x):
+        with bf16():
+            feats = model.features(x)
+        cast = lambda xs: [f.float() for f in xs] if xs is not None else None  # noqa: E731
+        feats = type(feats)(cast(feats.teacher), cast(feats.normality), cast(feats.abnormality))
+        return model.fuse(model.stack(*model.stage_maps(feats), x.shape[-2:]))
+
+    variants = {"fp32": (torch.contiguous_format, model), "channels-last": (torch.channels_last, model),
+                "channels-last + bf16 backbones": (torch.channels_last, backbones_bf16)}  # fmt: skip
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    maps = {}
+    for rep in range(reps + 1):
+        for name, (fmt, forward) in variants.items():
+            model.to(memory_format=fmt)
+            x = images.contiguous(memory_format=fmt)
+            start = time.perf_counter()
+            out = forward(x)
+            if rep:
+                times[name].append(time.perf_counter() - start)
+            maps[name] = out.anomaly_map
+    result = {name: stats(t, batch) for name, t in times.items()}
+    for name in variants:
+        result[name]["max_abs_map_diff"] = float((maps[name] - maps["fp32"]).abs().max())
+        result[name]["map_scale"] = float(maps["fp32"].abs().max())
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--checkpoint", help="a trained model for the inference rows (default: a perturbed fresh one)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = Config().replace(model={"backbone": args.backbone, "image_size": args.size})
+    gen = torch.Generator().manual_seed(0)
+    result = {"threads": args.threads, "reps": args.reps, "backbone": args.backbone, "size": args.size,
+              "training_step_16_pairs": training(cfg, args.reps, 16, gen),
+              "inference_batch_8": inference(cfg, args.reps, 8, gen, args.checkpoint)}  # fmt: skip
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
