@@ -63,19 +63,24 @@ def test_predict_files_folders_globs_and_bad_files(trained, tiny_tree, tmp_path)
     assert all(r["anomalous"] for r in json.loads((out / "results.json").read_text())["images"])
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_with_parity_and_onnx_inference(trained, tiny_tree, tmp_path, fmt, capsys):
+@pytest.mark.parametrize("fmt", ["onnx", "openvino", "torchscript"])
+def test_export_with_parity_and_runtime_inference(trained, tiny_tree, tmp_path, fmt, capsys):
     assert main(["export", str(trained / "last.pt"), "--format", fmt, "--out", str(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["max_rel_diff"] <= 1e-4 and report["max_abs_diff"] >= 0
-    if fmt == "onnx":
-        from dmdd.data import read_image
-        from dmdd.inference import OnnxInferencer
+    if fmt == "torchscript":
+        return
+    from dmdd.data import read_image
+    from dmdd.inference import OnnxInferencer, OpenVinoInferencer
+    from dmdd.predict import Predictor
 
-        detector = OnnxInferencer(tmp_path / "model.onnx")
-        image = read_image(sorted((tiny_tree / "test/spot").glob("*.png"))[0])
-        result = detector.predict(image)
-        assert result.anomaly_map.shape == image.shape[:2] and isinstance(result.anomalous, bool)
+    detector = OnnxInferencer(tmp_path / "model.onnx") if fmt == "onnx" else OpenVinoInferencer(tmp_path / "model.xml")
+    image = read_image(sorted((tiny_tree / "test/spot").glob("*.png"))[0])
+    result = detector.predict(image)
+    assert result.anomaly_map.shape == image.shape[:2] and isinstance(result.anomalous, bool)
+    assert image.shape[:2] == (64, 64)  # the model's size: no resizing on either side
+    eager = float(Predictor(trained / "last.pt").score([image])[0][0])
+    assert abs(result.score - eager) <= 1e-4 * max(1.0, abs(eager))
 
 
 def test_train_over_a_dataset_root_trains_every_category(tmp_path):

@@ -101,9 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first batch)")
     _common(p)
 
-    p = sub.add_parser("export", help="export the eval forward to ONNX or TorchScript, with a parity check")
+    p = sub.add_parser("export", help="export the eval forward to ONNX, OpenVINO or TorchScript, with a parity check")
     p.add_argument("checkpoint", help="last.pt written by dmdd train")
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="(default onnx)")
+    p.add_argument(
+        "--format",
+        choices=["onnx", "openvino", "torchscript"],
+        default="onnx",
+        help="(default onnx; openvino needs pip install 'dmdd[openvino]' and writes model.onnx too)",
+    )
     p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
@@ -260,12 +265,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from dmdd.checkpoint import restore_model
-    from dmdd.export import export_onnx, export_torchscript
+    from dmdd.export import export_onnx, export_openvino, export_torchscript
 
     model, payload = restore_model(args.checkpoint)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     if args.format == "onnx":
         report = export_onnx(model, out / "model.onnx", payload.get("thresholds"))
+    elif args.format == "openvino":
+        report = export_openvino(model, out / "model.xml", payload.get("thresholds"))
     else:
         report = export_torchscript(model, out / "model.torchscript.pt", payload.get("thresholds"))
     print(json.dumps(report))

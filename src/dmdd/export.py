@@ -1,4 +1,4 @@
-"""ONNX and TorchScript export of the eval forward, each checked against eager PyTorch (DESIGN §6).
+"""ONNX, OpenVINO and TorchScript export of the eval forward, each checked against eager PyTorch (DESIGN §6).
 
 The exported graph takes RGB images in [0, 1], shape (B, 3, S, S) float32, and normalises inside. Its outputs are
 ``pred_score`` (B,) and ``anomaly_map`` (B, 1, S, S). A JSON sidecar (``<file>.json``) holds the input size, the
@@ -112,6 +112,31 @@ def export_onnx(model: DMDD, path: str | Path, thresholds: dict[str, Any] | None
         raise ExportError(f"ONNX output differs from PyTorch by {diff:.2e} ({rel:.2e} of the output scale, > "
                           f"{PARITY_TOLERANCE}); file kept at {path}")  # fmt: skip
     return {"path": str(path), "format": "onnx", "opset": ONNX_OPSET, "max_abs_diff": diff, "max_rel_diff": rel}
+
+
+def export_openvino(model: DMDD, path: str | Path, thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Export to OpenVINO IR (``.xml`` + ``.bin``, fp32 weights) through the checked ONNX graph, and check it with
+    OpenVINO's CPU runtime at fp32. Needs the optional ``openvino`` package (``pip install 'dmdd[openvino]'``).
+
+    Raises:
+        ExportError: OpenVINO missing, or the output differs from PyTorch by more than 1e-4 of its scale.
+    """
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise ExportError("OpenVINO export needs the openvino package: pip install 'dmdd[openvino]'") from exc
+    path = Path(path).with_suffix(".xml")
+    onnx_report = export_onnx(model, path.with_suffix(".onnx"), thresholds)  # writes the shared model.json too
+    ov.save_model(ov.convert_model(onnx_report["path"]), str(path), compress_to_fp16=False)
+    from dmdd.inference import OpenVinoInferencer
+
+    check = _example(model, batch=3, seed=1)
+    diff, rel = _max_diff(_reference(model, check), OpenVinoInferencer(path).run(check.numpy()))
+    if rel > PARITY_TOLERANCE:
+        raise ExportError(f"OpenVINO output differs from PyTorch by {diff:.2e} ({rel:.2e} of the output scale); "
+                          f"files kept at {path}")  # fmt: skip
+    return {"path": str(path), "format": "openvino", "openvino": ov.__version__, "max_abs_diff": diff,
+            "max_rel_diff": rel}  # fmt: skip
 
 
 def export_torchscript(model: DMDD, path: str | Path, thresholds: dict[str, Any] | None = None) -> dict[str, Any]:

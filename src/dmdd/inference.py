@@ -1,8 +1,10 @@
-"""Deployment inference with ONNX Runtime: needs numpy, OpenCV, Pillow and onnxruntime, no torch, no training code.
+"""Deployment inference with ONNX Runtime or OpenVINO: needs numpy, OpenCV, Pillow and the runtime, no torch, no
+training code.
 
 Example:
-    >>> from dmdd.inference import OnnxInferencer
+    >>> from dmdd.inference import OnnxInferencer, OpenVinoInferencer
     >>> detector = OnnxInferencer("model.onnx")          # reads model.json beside it
+    >>> detector = OpenVinoInferencer("model.xml")       # `dmdd export --format openvino`, reads model.json
     >>> result = detector.predict(rgb_uint8_image)          # (H, W, 3) uint8
     >>> result.score, result.anomalous, result.anomaly_map.shape  # map at the image's own size
 """
@@ -35,8 +37,45 @@ class Detection:
     mask: np.ndarray | None
 
 
-class OnnxInferencer:
-    """Run an exported DMDD model.
+class _Inferencer:
+    """What every runtime shares: metadata (input size, resize mode, thresholds), pre- and post-processing."""
+
+    path: Path
+
+    def _setup(self, meta: dict) -> None:
+        self.meta = meta
+        self.image_size = int(meta["image_size"])
+        self.resize = meta.get("resize", "squash")
+        thresholds = meta.get("thresholds") or {}
+        self.image_threshold = thresholds.get("image")
+        self.pixel_threshold = thresholds.get("pixel")
+
+    def _sidecar(self) -> dict | None:
+        sidecar = self.path.with_suffix(".json")
+        return json.loads(sidecar.read_text()) if sidecar.is_file() else None
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 3, S, S) float32 in [0, 1] -> (scores (B,), maps (B, 1, S, S))."""
+        raise NotImplementedError
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 RGB -> (3, S, S) float32 in [0, 1]."""
+        resized = to_square(image, self.image_size, self.resize)
+        return resized.astype(np.float32).transpose(2, 0, 1) / 255.0
+
+    def predict(self, image: np.ndarray) -> Detection:
+        """Score one (H, W, 3) uint8 RGB image; the map comes back at the image's own size."""
+        scores, maps = self.run(self.preprocess(image)[None])
+        h, w = image.shape[:2]
+        amap = from_square(maps[0, 0], (h, w), self.resize)
+        score = float(scores[0])
+        anomalous = None if self.image_threshold is None else score >= self.image_threshold
+        mask = None if self.pixel_threshold is None else amap >= self.pixel_threshold
+        return Detection(score, anomalous, amap, mask)
+
+
+class OnnxInferencer(_Inferencer):
+    """Run an exported DMDD model with ONNX Runtime.
 
     Args:
         path: the ``.onnx`` file; its JSON sidecar (same name, ``.json``) or embedded metadata give the input size
@@ -55,38 +94,45 @@ class OnnxInferencer:
         available = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
-        self.meta = self._metadata()
-        self.image_size = int(self.meta["image_size"])
-        self.resize = self.meta.get("resize", "squash")
-        thresholds = self.meta.get("thresholds") or {}
-        self.image_threshold = thresholds.get("image")
-        self.pixel_threshold = thresholds.get("pixel")
-
-    def _metadata(self) -> dict:
-        sidecar = self.path.with_suffix(".json")
-        if sidecar.is_file():
-            return json.loads(sidecar.read_text())
-        props = self.session.get_modelmeta().custom_metadata_map
-        if "dmdd" in props:
-            return json.loads(props["dmdd"])
-        raise ValueError(f"{self.path} carries no dmdd metadata and has no {sidecar.name} beside it")
+        meta = self._sidecar()
+        if meta is None:
+            props = self.session.get_modelmeta().custom_metadata_map
+            if "dmdd" not in props:
+                raise ValueError(f"{self.path} carries no dmdd metadata and has no {self.path.stem}.json beside it")
+            meta = json.loads(props["dmdd"])
+        self._setup(meta)
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, 3, S, S) float32 in [0, 1] -> (scores (B,), maps (B, 1, S, S))."""
         scores, maps = self.session.run(["pred_score", "anomaly_map"], {"images": images.astype(np.float32)})
         return scores, maps
 
-    def preprocess(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 RGB -> (3, S, S) float32 in [0, 1]."""
-        resized = to_square(image, self.image_size, self.resize)
-        return resized.astype(np.float32).transpose(2, 0, 1) / 255.0
 
-    def predict(self, image: np.ndarray) -> Detection:
-        """Score one (H, W, 3) uint8 RGB image; the map comes back at the image's own size."""
-        scores, maps = self.run(self.preprocess(image)[None])
-        h, w = image.shape[:2]
-        amap = from_square(maps[0, 0], (h, w), self.resize)
-        score = float(scores[0])
-        anomalous = None if self.image_threshold is None else score >= self.image_threshold
-        mask = None if self.pixel_threshold is None else amap >= self.pixel_threshold
-        return Detection(score, anomalous, amap, mask)
+class OpenVinoInferencer(_Inferencer):
+    """Run a model exported with ``dmdd export --format openvino`` (``model.xml`` + ``model.bin`` + ``model.json``).
+
+    Args:
+        path: the ``.xml`` file; the JSON sidecar beside it gives the input size and the thresholds.
+        device: OpenVINO device name (``CPU``, ``GPU``, ``AUTO``).
+        threads: inference threads on CPU (``None``: OpenVINO's default).
+    """
+
+    def __init__(self, path: str | Path, device: str = "CPU", threads: int | None = None) -> None:
+        try:
+            import openvino as ov
+        except ImportError as exc:  # an optional dependency
+            raise ImportError("OpenVINO is not installed: pip install 'dmdd[openvino]'") from exc
+        self.path = Path(path)
+        meta = self._sidecar()
+        if meta is None:
+            raise ValueError(f"{self.path} has no {self.path.stem}.json beside it (written by dmdd export)")
+        self._setup(meta)
+        config = {"INFERENCE_NUM_THREADS": threads} if threads and device == "CPU" else {}
+        # fp32 inference: OpenVINO's CPU plugin would otherwise run bf16 where the CPU has it, moving the maps.
+        if device == "CPU":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        self.compiled = ov.Core().compile_model(str(self.path), device, config)
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.request.infer({"images": np.ascontiguousarray(images, dtype=np.float32)})
+        return out["pred_score"].copy(), out["anomaly_map"].copy()
