@@ -7,6 +7,7 @@ For one Lite0 model at 256 px, batch 16 pairs (training) and 8 images (inference
   inference = teacher, student + PMN, the eight cosine maps, their upsampling + standardised sum + smoothing;
 - the FLOPs of each part (``torch.utils.flop_counter``; the backward as 2x the trained forward) and the
   achieved GFLOP/s;
+- the FLOPs of each of the four backbone stages (STFPM's Lite0 layers stop after stage 3);
 - the machine's fp32 matmul rate (a 2048 x 2048 GEMM), the physical limit of convolution throughput here;
 - the top operators of ``torch.profiler`` for one training step and one inference call.
 
@@ -145,6 +146,17 @@ def summary(times: dict[str, list[float]], counts: dict[str, int], images: int) 
     return rows
 
 
+@torch.inference_mode()
+def stage_flops(model: DMDD, images: torch.Tensor) -> list[float]:
+    """GFLOP of each backbone stage of one forward (the teacher; the student's stages are the same convolutions)."""
+    out, t = [], (images - model.mean) / model.std
+    for stage in model.teacher:
+        with FlopCounterMode(display=False) as counter:
+            t = stage(t)
+        out.append(round(counter.get_total_flops() / 1e9, 3))
+    return out
+
+
 def top_ops(parts: dict, grad: bool, n: int) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -195,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_fp32_gflop_per_s": round(matmul_gflops(args.reps), 1),
         "training_step": summary(train_times, train_counts, 2 * args.batch),
         "inference": summary(infer_times, infer_counts, args.infer_batch),
+        "backbone_gflop_per_stage_batch": stage_flops(model, images),
     }  # fmt: skip
     print(json.dumps(result, indent=1))
     model.train()
