@@ -8,11 +8,14 @@ from pathlib import Path
 import torch
 import yaml
 
+from dmdd.allocator import tune_allocator
 from dmdd.checkpoint import config_of, restore_model
 from dmdd.config import Config
 from dmdd.models import DMDD
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+# Every benchmark measures what the dmdd command line runs: its allocator tuning included (DMDD_MALLOC_TUNING=0 off).
+tune_allocator()
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:

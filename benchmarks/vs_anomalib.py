@@ -334,6 +334,7 @@ def speed_table(reps: int = 5) -> dict:
     from anomalib.models.image.stfpm.loss import STFPMLoss
     from anomalib.models.image.stfpm.torch_model import STFPMModel
 
+    from dmdd.allocator import tune_allocator
     from dmdd.config import Config
     from dmdd.distributed import StudentObjective
     from dmdd.engine import build_optimizers
@@ -341,6 +342,7 @@ def speed_table(reps: int = 5) -> dict:
     from dmdd.inference import OnnxInferencer, OpenVinoInferencer
     from dmdd.models import DMDD
 
+    print("allocator tuning (dmdd.allocator, process-wide: all three methods):", tune_allocator(), file=sys.stderr)
     patch_timm_offline()
     torch.set_num_threads(THREADS)
     gen = torch.Generator().manual_seed(0)

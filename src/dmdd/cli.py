@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dmdd import __version__
+from dmdd.allocator import tune_allocator
 from dmdd.config import Config, load_config
 from dmdd.errors import DmddError
 
@@ -293,6 +294,7 @@ COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "expor
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_allocator()  # large tensors from the heap, not fresh pages: ~1.5-2x on CPU (dmdd.allocator)
     try:
         return COMMANDS[args.command](args)
     except DmddError as exc:
