@@ -40,35 +40,44 @@ def bf16() -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def training(cfg: Config, reps: int, batch: int, gen: torch.Generator) -> dict:
+def training(cfg: Config, reps: int, batch: int, gen: torch.Generator, compile_: bool = False) -> dict:
     size = cfg.model.image_size
     model = DMDD(cfg.model)
     objective = StudentObjective(model, cfg)
     opt, _ = build_optimizers(model, cfg)
     normal, anomalous = (torch.rand(batch, 3, size, size, generator=gen) for _ in range(2))
     mask = (torch.rand(batch, 1, size, size, generator=gen) > 0.9).float()
-    variants = {"fp32": (torch.contiguous_format, contextlib.nullcontext),
-                "channels-last": (torch.channels_last, contextlib.nullcontext),
-                "channels-last + bf16": (torch.channels_last, bf16)}  # fmt: skip
+    cl, null = torch.channels_last, contextlib.nullcontext
+    if compile_:  # one layout only: switching it would recompile
+        compiled = torch.compile(objective)
+        variants = {"channels-last": (cl, null, objective), "channels-last + torch.compile": (cl, null, compiled)}
+    else:
+        variants = {"fp32": (torch.contiguous_format, null, objective), "channels-last": (cl, null, objective),
+                    "channels-last + bf16": (cl, bf16, objective)}  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in variants}
+    warmup: dict[str, float] = {}
     model.train()
     for rep in range(reps + 1):
-        for name, (fmt, autocast) in variants.items():
+        for name, (fmt, autocast, step) in variants.items():
             model.to(memory_format=fmt)
             n, a = normal.contiguous(memory_format=fmt), anomalous.contiguous(memory_format=fmt)
             start = time.perf_counter()
             with autocast():
-                loss, _, _ = objective(n, a, mask)
+                loss, _, _ = step(n, a, mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if rep:  # the first round warms up every variant
+            if rep:
                 times[name].append(time.perf_counter() - start)
-    return {name: stats(t, 2 * batch) for name, t in times.items()}
+            else:  # the first round warms up (and compiles) every variant
+                warmup[name] = round(time.perf_counter() - start, 1)
+    return {name: {**stats(t, 2 * batch), "first_step_s": warmup[name]} for name, t in times.items()}
 
 
 @torch.inference_mode()
-def inference(cfg: Config, reps: int, batch: int, gen: torch.Generator, checkpoint: str | None) -> dict:
+def inference(
+    cfg: Config, reps: int, batch: int, gen: torch.Generator, checkpoint: str | None, compile_: bool = False
+) -> dict:
     size = cfg.model.image_size
     if checkpoint:  # a trained model: its maps are what a user gets
         model, _ = restore_model(checkpoint)
@@ -85,8 +94,13 @@ def inference(cfg: Config, reps: int, batch: int, gen: torch.Generator, checkpoi
         feats = type(feats)(cast(feats.teacher), cast(feats.normality), cast(feats.abnormality))
         return model.fuse(model.stack(*model.stage_maps(feats), x.shape[-2:]))
 
-    variants = {"fp32": (torch.contiguous_format, model), "channels-last": (torch.channels_last, model),
-                "channels-last + bf16 backbones": (torch.channels_last, backbones_bf16)}  # fmt: skip
+    if compile_:
+        model.to(memory_format=torch.channels_last)
+        variants = {"channels-last": (torch.channels_last, model),
+                    "channels-last + torch.compile": (torch.channels_last, torch.compile(model))}  # fmt: skip
+    else:
+        variants = {"fp32": (torch.contiguous_format, model), "channels-last": (torch.channels_last, model),
+                    "channels-last + bf16 backbones": (torch.channels_last, backbones_bf16)}  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in variants}
     maps = {}
     for rep in range(reps + 1):
@@ -100,8 +114,9 @@ def inference(cfg: Config, reps: int, batch: int, gen: torch.Generator, checkpoi
             maps[name] = out.anomaly_map
     result = {name: stats(t, batch) for name, t in times.items()}
     for name in variants:
-        result[name]["max_abs_map_diff"] = float((maps[name] - maps["fp32"]).abs().max())
-        result[name]["map_scale"] = float(maps["fp32"].abs().max())
+        base = maps[next(iter(variants))]  # the first row is the reference
+        result[name]["max_abs_map_diff"] = float((maps[name] - base).abs().max())
+        result[name]["map_scale"] = float(base.abs().max())
     return result
 
 
@@ -111,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--size", type=int, default=256)
+    p.add_argument("--compile", action="store_true", help="rows: channels-last eager against torch.compile")
     p.add_argument("--checkpoint", help="a trained model for the inference rows (default: a perturbed fresh one)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -118,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config().replace(model={"backbone": args.backbone, "image_size": args.size})
     gen = torch.Generator().manual_seed(0)
     result = {"threads": args.threads, "reps": args.reps, "backbone": args.backbone, "size": args.size,
-              "training_step_16_pairs": training(cfg, args.reps, 16, gen),
-              "inference_batch_8": inference(cfg, args.reps, 8, gen, args.checkpoint)}  # fmt: skip
+              "training_step_16_pairs": training(cfg, args.reps, 16, gen, args.compile),
+              "inference_batch_8": inference(cfg, args.reps, 8, gen, args.checkpoint, args.compile)}  # fmt: skip
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
