@@ -12,3 +12,4 @@ DMDD_MALLOC_TUNING=0 ../.venv/bin/python speed_levers.py --threads 2 --reps 5 --
 ../.venv-anomalib/bin/python vs_anomalib.py --speed-only --reps 5 --speed-out speed/speed_table.json
 ../.venv/bin/python deploy_runtimes.py "$CKPT" --category tire --threads 2 --reps 5 --out ../runs/deploy_tire
 cp ../runs/deploy_tire/deploy.json speed/deploy_tire.json
+../.venv/bin/python speed_levers.py --threads 2 --reps 5 --compile --checkpoint "$CKPT" --out speed/levers_compile.json
