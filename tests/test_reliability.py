@@ -111,8 +111,14 @@ def _train_cmd(tree: Path, out: Path, epochs: int) -> list[str]:
     return [sys.executable, "-m", "dmdd.cli", "train", "--data", str(tree), "--backbone", "efficientnet_lite0", *flags]
 
 
+def _default_signals() -> None:
+    """In the child: SIGINT and SIGTERM as a shell delivers them, whatever an earlier test left in this process."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _interrupt_after_first_epoch(cmd: list[str], log: Path, sig: int) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
     deadline = time.time() + 300
     while not (log.is_file() and log.read_text().strip()) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -128,7 +134,8 @@ def test_signal_mid_training_leaves_a_usable_checkpoint_and_resume_matches(tiny_
     epochs = 12 if sig == signal.SIGTERM else 40
     out = tmp_path / "interrupted"
     run = _interrupt_after_first_epoch(_train_cmd(tiny_tree, out, epochs), out / "train_log.jsonl", sig)
-    assert run.returncode == 2, (run.returncode, run.stdout[-500:], run.stderr[-1500:])
+    ignored = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("SigIgn")]
+    assert run.returncode == 2, (run.returncode, run.stdout[-500:], run.stderr[-1500:], ignored)
     assert "training interrupted" in run.stderr and "--resume" in run.stderr and "Traceback" not in run.stderr
     done = load_checkpoint(out / "last.pt")["epoch"]
     assert 1 <= done < epochs
