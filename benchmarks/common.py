@@ -29,6 +29,20 @@ def add_data_args(p: argparse.ArgumentParser, threads: int = 2) -> None:
     p.add_argument("--threads", type=int, default=threads)
 
 
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    """``--threads``, ``--reps`` (timed repetitions), ``--backbone`` and ``--size`` of the speed benchmarks."""
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--size", type=int, default=256)
+
+
+def speed_config(args: argparse.Namespace) -> Config:
+    """Set the thread count; the default config with ``args.backbone`` at ``args.size``."""
+    torch.set_num_threads(args.threads)
+    return Config().replace(model={"backbone": args.backbone, "image_size": args.size})
+
+
 def checkpoint_parser(doc: str | None, threads: int = 2) -> argparse.ArgumentParser:
     """A parser taking a checkpoint and the data arguments."""
     p = parser(doc)

@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import parser
+from common import add_speed_args, parser, speed_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from dmdd.config import Config
-from dmdd.losses import aim_loss, ngm_loss
+from dmdd.distributed import pair_loss
 from dmdd.models import DMDD
-from dmdd.models.dmdd import Features
+from dmdd.models.dmdd import Features, split_pairs
 
 
 def matmul_gflops(reps: int) -> float:
@@ -47,29 +47,18 @@ def matmul_gflops(reps: int) -> float:
 def training_parts(model: DMDD, cfg: Config, normal, anomalous, mask, opt) -> dict:
     """The callables of one student step, run in order; each returns nothing and keeps its state in ``box``."""
     box: dict = {}
-    x = (torch.cat([normal, anomalous]) - model.mean) / model.std
+    x = model.normalize(torch.cat([normal, anomalous]))
 
     def teacher():
-        with torch.no_grad():
-            t, feats = x, []
-            for stage in model.teacher:
-                t = stage(t)
-                feats.append(t)
-        box["teacher"] = feats
+        box["teacher"] = model.teacher_features(x)
 
     def student():
         n, a = model.student(x)
         box["normality"], box["abnormality"] = model.pmn_normality(n), model.pmn_abnormality(a)
 
     def losses():
-        b = normal.shape[0]
-        t, n, a = box["teacher"], box["normality"], box["abnormality"]
-        half = lambda xs, first: [v[:b] if first else v[b:] for v in xs]  # noqa: E731
-        fn = Features(half(t, True), half(n, True), half(a, True))
-        fa = Features(half(t, False), half(n, False), half(a, False))
-        ngm = ngm_loss(fn.teacher, fn.normality, fa.normality)
-        aim = aim_loss(fn.teacher, fn.abnormality, torch.zeros_like(mask)) + aim_loss(fa.teacher, fa.abnormality, mask)
-        box["loss"] = cfg.train.ngm_weight * ngm + cfg.train.aim_weight * aim
+        feats = Features(box["teacher"], box["normality"], box["abnormality"])
+        box["loss"] = pair_loss(*split_pairs(feats, normal.shape[0]), mask, cfg)[0]
 
     def backward():
         opt.zero_grad(set_to_none=True)
@@ -86,12 +75,8 @@ def inference_parts(model: DMDD, images) -> dict:
     box: dict = {}
 
     def teacher():
-        x = (images - model.mean) / model.std
-        t, feats = x, []
-        for stage in model.teacher:
-            t = stage(t)
-            feats.append(t)
-        box["x"], box["teacher"] = x, feats
+        box["x"] = model.normalize(images)
+        box["teacher"] = model.teacher_features(box["x"])
 
     def student():
         n, a = model.student(box["x"])
@@ -149,7 +134,7 @@ def summary(times: dict[str, list[float]], counts: dict[str, int], images: int) 
 @torch.inference_mode()
 def stage_flops(model: DMDD, images: torch.Tensor) -> list[float]:
     """GFLOP of each backbone stage of one forward (the teacher; the student's stages are the same convolutions)."""
-    out, t = [], (images - model.mean) / model.std
+    out, t = [], model.normalize(images)
     for stage in model.teacher:
         with FlopCounterMode(display=False) as counter:
             t = stage(t)
@@ -169,18 +154,14 @@ def top_ops(parts: dict, grad: bool, n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--size", type=int, default=256)
+    add_speed_args(p)
     p.add_argument("--batch", type=int, default=16, help="pairs per training step (2x images)")
     p.add_argument("--infer-batch", type=int, default=8)
     p.add_argument("--channels-last", action="store_true", help="model and inputs in channels-last")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    cfg = Config().replace(model={"backbone": args.backbone, "image_size": args.size})
+    cfg = speed_config(args)
     model = DMDD(cfg.model)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)

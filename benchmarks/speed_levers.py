@@ -23,15 +23,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import parser
+from common import add_speed_args, parser, speed_config
 
 from dmdd.checkpoint import restore_model
 from dmdd.config import Config
-from dmdd.distributed import StudentObjective
+from dmdd.distributed import StudentObjective, pair_loss
 from dmdd.engine import build_optimizers
-from dmdd.losses import aim_loss, ngm_loss
 from dmdd.models import DMDD
-from dmdd.models.dmdd import Features
+from dmdd.models.dmdd import Features, split_pairs
 
 
 def stats(times: list[float], per: int) -> dict:
@@ -47,31 +46,16 @@ def bf16() -> contextlib.AbstractContextManager:
 def cached_teacher_objective(model: DMDD, cfg: Config, normal: torch.Tensor):
     """The student loss with the teacher's features of the normal images taken from a cache (the teacher is frozen
     and a normal image is the same every epoch): the teacher runs on the anomalous half only. Same loss value."""
-    with torch.no_grad():
-        cached = teacher_features(model, normal.contiguous(memory_format=torch.channels_last))
+    cached = model.teacher_features(model.normalize(normal.contiguous(memory_format=torch.channels_last)))
 
     def step(n: torch.Tensor, a: torch.Tensor, mask: torch.Tensor):
-        with torch.no_grad():
-            t_anomalous = teacher_features(model, a)
-        x = (torch.cat([n, a]) - model.mean) / model.std
-        normal_feats, abnormal_feats = model.student(x)
-        b = n.shape[0]
-        sn, sa = model.pmn_normality(normal_feats), model.pmn_abnormality(abnormal_feats)
-        fn = Features(cached, [f[:b] for f in sn], [f[:b] for f in sa])
-        fa = Features(t_anomalous, [f[b:] for f in sn], [f[b:] for f in sa])
-        ngm = ngm_loss(fn.teacher, fn.normality, fa.normality)
-        aim = aim_loss(fn.teacher, fn.abnormality, torch.zeros_like(mask)) + aim_loss(fa.teacher, fa.abnormality, mask)
-        return cfg.train.ngm_weight * ngm + cfg.train.aim_weight * aim, ngm, aim
+        x = model.normalize(torch.cat([n, a]))
+        teacher = [torch.cat([c, t]) for c, t in zip(cached, model.teacher_features(x[n.shape[0] :]))]
+        s_normality, s_abnormality = model.student(x)
+        feats = Features(teacher, model.pmn_normality(s_normality), model.pmn_abnormality(s_abnormality))
+        return pair_loss(*split_pairs(feats, n.shape[0]), mask, cfg)
 
     return step
-
-
-def teacher_features(model: DMDD, images: torch.Tensor) -> list[torch.Tensor]:
-    t, feats = (images - model.mean) / model.std, []
-    for stage in model.teacher:
-        t = stage(t)
-        feats.append(t)
-    return feats
 
 
 def training(cfg: Config, reps: int, batch: int, gen: torch.Generator, compile_: bool = False) -> dict:
@@ -159,16 +143,12 @@ def inference(
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--size", type=int, default=256)
+    add_speed_args(p)
     p.add_argument("--compile", action="store_true", help="rows: channels-last eager against torch.compile")
     p.add_argument("--checkpoint", help="a trained model for the inference rows (default: a perturbed fresh one)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = Config().replace(model={"backbone": args.backbone, "image_size": args.size})
+    cfg = speed_config(args)
     gen = torch.Generator().manual_seed(0)
     result = {"threads": args.threads, "reps": args.reps, "backbone": args.backbone, "size": args.size,
               "training_step_16_pairs": training(cfg, args.reps, 16, gen, args.compile),

@@ -16,7 +16,7 @@ from torch import nn
 
 from dmdd.config import Config
 from dmdd.losses import aim_loss, ngm_loss, segmentation_loss
-from dmdd.models.dmdd import DMDD
+from dmdd.models.dmdd import DMDD, Features
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,12 @@ def close_distributed(ctx: DistContext) -> None:
 
 def student_loss(model: DMDD, normal: torch.Tensor, anomalous: torch.Tensor, mask: torch.Tensor, cfg: Config):
     """L_NGM + L_AIM on a batch of pairs; returns (total, ngm, aim) with an unused branch at 0."""
-    fn, fa = model.distill(normal, anomalous)
-    zero = torch.zeros((), device=normal.device)
+    return pair_loss(*model.distill(normal, anomalous), mask, cfg)
+
+
+def pair_loss(fn: Features, fa: Features, mask: torch.Tensor, cfg: Config):
+    """L_NGM + L_AIM from the features of the normal images (``fn``) and of their anomalous copies (``fa``)."""
+    zero = torch.zeros((), device=mask.device)
     ngm = ngm_loss(fn.teacher, fn.normality, fa.normality) if fn.normality is not None else zero
     aim = zero
     if fn.abnormality is not None:

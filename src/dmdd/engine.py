@@ -160,13 +160,13 @@ def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ct
     sums = {"ngm": 0.0, "aim": 0.0}
     steps = 0
     base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    fmt = _memory_format(cfg)
     for normal, anomalous, mask in _loader(pairs, cfg, epoch, 0, ctx):
         if state.total_steps and state.step >= state.total_steps:
             break
         factor = lr_factor(cfg, state.step, state.total_steps)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
-        fmt = _memory_format(cfg)
         normal, anomalous = normal.to(device, memory_format=fmt), anomalous.to(device, memory_format=fmt)
         mask = mask.to(device)
         with _autocast(device, cfg.train.amp):

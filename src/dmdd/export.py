@@ -69,6 +69,17 @@ def _max_diff(
     return max(d for d, _ in diffs), max(d / s for d, s in diffs)
 
 
+def _check_parity(model: DMDD, run, what: str, path: Path) -> tuple[float, float]:
+    """Run ``run`` (numpy (B, 3, S, S) -> (scores, maps)) and the eager model on the same check images; raise
+    :class:`ExportError` when they differ by more than ``PARITY_TOLERANCE`` of the output scale."""
+    check = _example(model, batch=3, seed=1)
+    diff, rel = _max_diff(_reference(model, check), run(check.numpy()))
+    if rel > PARITY_TOLERANCE:
+        raise ExportError(f"{what} output differs from PyTorch by {diff:.2e} ({rel:.2e} of the output scale, > "
+                          f"{PARITY_TOLERANCE}); file kept at {path}")  # fmt: skip
+    return diff, rel
+
+
 @torch.inference_mode()
 def _reference(model: DMDD, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out = model(x)
@@ -106,11 +117,7 @@ def export_onnx(model: DMDD, path: str | Path, thresholds: dict[str, Any] | None
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     from dmdd.inference import OnnxInferencer
 
-    check = _example(model, batch=3, seed=1)
-    diff, rel = _max_diff(_reference(model, check), OnnxInferencer(path).run(check.numpy()))
-    if rel > PARITY_TOLERANCE:
-        raise ExportError(f"ONNX output differs from PyTorch by {diff:.2e} ({rel:.2e} of the output scale, > "
-                          f"{PARITY_TOLERANCE}); file kept at {path}")  # fmt: skip
+    diff, rel = _check_parity(model, OnnxInferencer(path).run, "ONNX", path)
     return {"path": str(path), "format": "onnx", "opset": ONNX_OPSET, "max_abs_diff": diff, "max_rel_diff": rel}
 
 
@@ -130,11 +137,7 @@ def export_openvino(model: DMDD, path: str | Path, thresholds: dict[str, Any] | 
     ov.save_model(ov.convert_model(onnx_report["path"]), str(path), compress_to_fp16=False)
     from dmdd.inference import OpenVinoInferencer
 
-    check = _example(model, batch=3, seed=1)
-    diff, rel = _max_diff(_reference(model, check), OpenVinoInferencer(path).run(check.numpy()))
-    if rel > PARITY_TOLERANCE:
-        raise ExportError(f"OpenVINO output differs from PyTorch by {diff:.2e} ({rel:.2e} of the output scale); "
-                          f"files kept at {path}")  # fmt: skip
+    diff, rel = _check_parity(model, OpenVinoInferencer(path).run, "OpenVINO", path)
     return {"path": str(path), "format": "openvino", "openvino": ov.__version__, "max_abs_diff": diff,
             "max_rel_diff": rel}  # fmt: skip
 
@@ -151,11 +154,10 @@ def export_torchscript(model: DMDD, path: str | Path, thresholds: dict[str, Any]
     torch.jit.save(traced, str(path), _extra_files=extra)
     path.with_suffix(".json").write_text(json.dumps(metadata(model, thresholds), indent=2))
     loaded = torch.jit.load(str(path))
-    check = _example(model, batch=3, seed=1)
-    with torch.no_grad():
-        got = tuple(t.numpy() for t in loaded(check))
-    diff, rel = _max_diff(_reference(model, check), got)
-    if rel > PARITY_TOLERANCE:
-        raise ExportError(f"TorchScript output differs from PyTorch by {diff:.2e} ({rel:.2e} of the output scale); "
-                          f"file kept at {path}")  # fmt: skip
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, ...]:
+        with torch.no_grad():
+            return tuple(t.numpy() for t in loaded(torch.from_numpy(images)))
+
+    diff, rel = _check_parity(model, run, "TorchScript", path)
     return {"path": str(path), "format": "torchscript", "max_abs_diff": diff, "max_rel_diff": rel}

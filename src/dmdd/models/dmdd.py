@@ -102,14 +102,23 @@ class DMDD(nn.Module):
                 new += list(pmn.parameters())
         return pretrained, new
 
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) RGB in [0, 1] -> the backbone's normalised input."""
+        return (images - self.mean) / self.std
+
+    @torch.no_grad()
+    def teacher_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen teacher's four stage outputs of normalised input ``x``."""
+        feats = []
+        for stage in self.teacher:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
     def features(self, images: torch.Tensor) -> Features:
         """Teacher features and the student's PMN-refined normality / abnormality features of (B, 3, S, S) images."""
-        x = (images - self.mean) / self.std
-        with torch.no_grad():
-            teacher, t = [], x
-            for stage in self.teacher:
-                t = stage(t)
-                teacher.append(t)
+        x = self.normalize(images)
+        teacher = self.teacher_features(x)
         normality, abnormality = self.student(x)
         return Features(
             teacher=teacher,
@@ -178,15 +187,16 @@ class DMDD(nn.Module):
         Returns:
             (features of the normal images, features of the anomalous images), split from one 2B batch.
         """
-        feats = self.features(torch.cat([normal, anomalous], dim=0))
-        b = normal.shape[0]
+        return split_pairs(self.features(torch.cat([normal, anomalous], dim=0)), normal.shape[0])
 
-        def split(xs: list[torch.Tensor] | None, first: bool) -> list[torch.Tensor] | None:
-            if xs is None:
-                return None
-            return [x[:b] if first else x[b:] for x in xs]
 
-        return (
-            Features(split(feats.teacher, True), split(feats.normality, True), split(feats.abnormality, True)),
-            Features(split(feats.teacher, False), split(feats.normality, False), split(feats.abnormality, False)),
-        )
+def split_pairs(feats: Features, b: int) -> tuple[Features, Features]:
+    """Features of a 2B batch (B normal images, then their B anomalous copies) -> (normal, anomalous) halves."""
+
+    def half(xs: list[torch.Tensor] | None, first: bool) -> list[torch.Tensor] | None:
+        return None if xs is None else [x[:b] if first else x[b:] for x in xs]
+
+    return (
+        Features(half(feats.teacher, True), half(feats.normality, True), half(feats.abnormality, True)),
+        Features(half(feats.teacher, False), half(feats.normality, False), half(feats.abnormality, False)),
+    )
