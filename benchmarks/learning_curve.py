@@ -16,6 +16,10 @@ images gives the model's own output (its default fusion) and the eight raw stage
 Normalisation statistics come from the run's held-out good training images, never from the test split. Results are
 appended to ``RUN/curve.jsonl`` (a finished step is skipped on a rerun) and drawn into ``RUN/curve.png``.
 
+A run trained with ``train.ema_decay`` keeps both the averaged weights (the model's maps) and the raw training
+weights in each snapshot; ``--weights training`` scores the raw ones (statistics refitted on the same held-out
+images) into ``RUN/curve_training.jsonl``. ``--quick`` scores only ``default`` and ``sum_norm``.
+
 Example:
     python benchmarks/learning_curve.py runs/tire_curve --category tire --per-map
 """
@@ -37,6 +41,7 @@ from dmdd.checkpoint import config_of, load_checkpoint, restore_model
 from dmdd.data import load_category
 from dmdd.data.datasets import AnomalyDataset
 from dmdd.engine import split_holdout
+from dmdd.evaluation import fit_map_statistics
 from dmdd.models.segmentation import gaussian_blur
 
 
@@ -111,10 +116,16 @@ def score(labels, masks, maps, image_scores=None) -> dict:
             "au_pro": metrics.au_pro(masks, maps)}  # fmt: skip
 
 
-def evaluate_snapshot(path: Path, category, per_map: bool) -> dict:
+def evaluate_snapshot(path: Path, category, per_map: bool, weights: str = "map", quick: bool = False) -> dict:
     model, payload = restore_model(path)
     cfg = config_of(payload, path)
     _, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
+    if weights == "training":
+        if payload.get("training_student") is None:
+            raise SystemExit(f"{path} holds no training weights (the run had no train.ema_decay)")
+        model.load_state_dict(payload["training_student"], strict=False)
+        if model.cfg.map_normalization:
+            fit_map_statistics(model, holdout, cfg, torch.device("cpu"))
     _, _, hold_raw, _, _ = raw_and_default(model, holdout, cfg.model.image_size, cfg.train.eval_size, False)
     mean, std = hold_raw.mean(axis=(0, 2, 3)), hold_raw.std(axis=(0, 2, 3)) + 1e-12
     local = local_statistics(hold_raw, 16, hold_raw.shape[-1])
@@ -123,7 +134,8 @@ def evaluate_snapshot(path: Path, category, per_map: bool) -> dict:
     )
     result = {"default": score(labels, masks, maps, scores)}
     for name, m in variants(raw, mean, std, cfg.model.map_sigma, per_map, local).items():
-        result[name] = score(labels, masks, m)
+        if not quick or name == "sum_norm":
+            result[name] = score(labels, masks, m)
     return {"step": int(payload.get("step", 0)), "epoch": int(payload["epoch"]), "snapshot": path.name, **result}
 
 
@@ -179,10 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     add_data_args(p)
     p.add_argument("--per-map", action="store_true", help="also every single map")
     p.add_argument("--only", nargs="*", type=int, help="evaluate only these steps")
+    p.add_argument("--weights", choices=["map", "training"], default="map",
+                   help="the snapshot's map weights (the average with train.ema_decay) or its raw training weights")
+    p.add_argument("--quick", action="store_true", help="score only the default map and sum_norm")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    log = run / "curve.jsonl"
+    name = "curve" if args.weights == "map" else "curve_training"
+    log = run / f"{name}.jsonl"
     done = {json.loads(line)["step"] for line in log.read_text().splitlines()} if log.is_file() else set()
     category = load_category(args.data, args.category)
     for path in sorted((run / "snapshots").glob("step_*.pt")):
@@ -190,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         if step in done or (args.only and step not in args.only):
             continue
         start = time.perf_counter()
-        row = evaluate_snapshot(path, category, args.per_map)
+        row = evaluate_snapshot(path, category, args.per_map, args.weights, args.quick)
         row["eval_seconds"] = round(time.perf_counter() - start, 1)
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -199,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         print(step, json.dumps(short), flush=True)
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     if rows:
-        plot(rows, run / "curve.png", f"{args.category}: {run.name}")
-        (run / "curve.md").write_text(table(rows))
+        plot(rows, run / f"{name}.png", f"{args.category}: {run.name} ({args.weights} weights)")
+        (run / f"{name}.md").write_text(table(rows))
     return 0
 
 

@@ -234,3 +234,51 @@ def test_checkpoint_without_residual_base_weights_loads_with_the_mean_base(tiny_
     save_checkpoint(tmp_path / "older.pt", {k: v for k, v in payload.items() if not k.startswith("format")})
     with pytest.raises(CheckpointError, match="does not match"):
         restore_model(tmp_path / "older.pt")
+
+
+def test_weight_average_drives_the_maps_and_resume_keeps_both_weight_sets(tiny_tree, tmp_path):
+    from dmdd.averaging import student_state
+
+    cfg = tiny_config(tiny_tree, epochs=2, ema_decay=0.5)
+    # Recompute the average by hand from the raw weights after every step (the engine's update is not reused).
+    seen: list[dict[str, torch.Tensor]] = []
+    original = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        out = original(self, *a, **k)
+        if len(self.param_groups) == 2:  # the student optimiser
+            seen.append({k: v.detach().clone() for k, v in student_state(model_ref[0]).items()})
+        return out
+
+    from dmdd import engine
+
+    model_ref, seen_init = [], {}
+    real_init = engine.WeightAverage.__init__
+
+    def init(self, model, decay):
+        model_ref.append(model)
+        seen_init.update({k: v.detach().clone() for k, v in student_state(model).items()})
+        real_init(self, model, decay)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.Adam, "step", spy)
+        mp.setattr(engine.WeightAverage, "__init__", init)
+        payload = load_checkpoint(fit(cfg, tmp_path / "e", progress=False))
+    expected = {k: v.float() for k, v in seen_init.items() if v.is_floating_point()}
+    for t, weights in enumerate(seen):
+        d = min(0.5, (1 + t) / (10 + t))
+        for k in expected:
+            expected[k] = d * expected[k] + (1 - d) * weights[k]
+    raw = payload["training_student"]
+    key = "student.stages.1.0.conv.weight" if "student.stages.1.0.conv.weight" in raw else next(iter(expected))
+    for k in expected:
+        assert torch.allclose(payload["model"][k], expected[k], atol=1e-6), k
+        assert torch.equal(raw[k], seen[-1][k]), k
+    assert not torch.equal(payload["model"][key], raw[key])  # the maps do not come from the last raw weights
+    # A killed run resumed from epoch 1 ends with the same averaged and raw weights as an uninterrupted one.
+    fit(tiny_config(tiny_tree, epochs=1, ema_decay=0.5), tmp_path / "r", progress=False)
+    resumed = load_checkpoint(fit(cfg, tmp_path / "r", resume=True, progress=False))
+    for k, v in payload["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    for k, v in raw.items():
+        assert torch.equal(v, resumed["training_student"][k]), k

@@ -190,6 +190,8 @@ class TrainConfig:
             measured speed (student and segmentation phases together) and stored, so a resumed run keeps it.
         lr_schedule: ``constant`` (paper: no schedule stated) or ``cosine`` decay to 0 over the total steps.
         warmup_steps: linear learning-rate warm-up of the student side over this many steps.
+        ema_decay: exponential moving average of the student side's weights, used for the maps, statistics and
+            thresholds while the optimiser trains the raw weights (``dmdd.averaging``); 0 = off (paper: none).
         snapshot_every: also keep a copy of the model every this many student steps (at the end of the epoch that
             crosses the mark) in ``snapshots/`` for learning curves; 0 keeps none.
         batch_size: normal/anomalous pairs per step.
@@ -224,6 +226,7 @@ class TrainConfig:
     minutes: float = 0.0
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    ema_decay: float = 0.0
     snapshot_every: int = 0
     batch_size: int = 16
     lr: float = 0.005
@@ -264,6 +267,8 @@ class TrainConfig:
             raise ConfigError("train.target_fpr and train.pixel_target_fpr must be in (0, 1)")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"train.lr_schedule must be constant|cosine, got {self.lr_schedule!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if not 0 <= self.holdout_fraction < 1:
             raise ConfigError("train.holdout_fraction must be in [0, 1)")
 

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from dmdd.averaging import WeightAverage, student_state
 from dmdd.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from dmdd.config import Config, save_config
 from dmdd.data.datasets import Category, PairDataset, Record, load_category
@@ -154,9 +155,9 @@ def _check_finite(loss: torch.Tensor, epoch: int, what: str) -> None:
         )
 
 
-def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ctx, state) -> dict[str, float]:
+def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ctx, state, average=None) -> dict:
     """One pass over the pairs (or what is left of the step budget) training student, 1x1 convs and PMN with
-    L_NGM + L_AIM; advances ``state.step``."""
+    L_NGM + L_AIM; advances ``state.step`` and folds every step into ``average`` (a ``WeightAverage``) if given."""
     sums = {"ngm": 0.0, "aim": 0.0}
     steps = 0
     base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
@@ -175,6 +176,8 @@ def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ct
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if average is not None:
+            average.update(state.step)
         steps += 1
         state.step += 1
         sums["ngm"] += float(ngm.detach())
@@ -222,6 +225,17 @@ def train_segmentation_epoch(model, objective, pairs, optimizer, cfg, device, ep
         bar.set_postfix(epoch=epoch + 1, seg=f"{total / steps:.4f}")
     model.train()
     return {"seg": total / max(steps, 1)}
+
+
+@contextlib.contextmanager
+def _weights_for_maps(average: WeightAverage | None) -> Iterator[dict[str, Any]]:
+    """The block sees the weights the maps come from (the average when ``train.ema_decay`` is on); yields what a
+    checkpoint needs besides them: ``{"training_student": raw weights}`` with an average, else nothing."""
+    if average is None:
+        yield {}
+        return
+    with average.applied() as training:
+        yield {"training_student": training}
 
 
 class _StopRequested(Exception):
@@ -282,8 +296,9 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     model = DMDD(cfg.model).to(device, memory_format=_memory_format(cfg))
     student_opt, seg_opt = build_optimizers(model, cfg)
     state = TrainState()
+    average = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
     if resume and ckpt_path.is_file():
-        state = _restore(ckpt_path, cfg, model, student_opt, seg_opt)
+        state = _restore(ckpt_path, cfg, model, student_opt, seg_opt, average)
     student_obj = wrap(StudentObjective(model, cfg), ctx, device)
     seg_obj = wrap(SegmentationObjective(model), ctx, device) if model.segmentation is not None else None
     model.train()
@@ -305,33 +320,35 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
             epoch = state.epoch
             while not state.total_steps or state.step < state.total_steps:
                 start, first_step = time.perf_counter(), state.step
-                log = train_student_epoch(student_obj, pairs, student_opt, cfg, device, epoch, bar, ctx, state)
+                log = train_student_epoch(student_obj, pairs, student_opt, cfg, device, epoch, bar, ctx, state,
+                                          average)  # fmt: skip
                 log["student_seconds"] = round(time.perf_counter() - start, 2)
-                if model.cfg.map_normalization:
-                    fit_map_statistics(model, stats_records, cfg, device)
-                if seg_obj is not None:
-                    seg_start = time.perf_counter()
-                    log |= train_segmentation_epoch(model, seg_obj, pairs, seg_opt, cfg, device, epoch, bar, ctx)
-                    log["seg_seconds"] = round(time.perf_counter() - seg_start, 2)
-                seconds = time.perf_counter() - start
-                if not state.total_steps:  # a minutes budget: fixed once, from the first epoch's speed
-                    state.total_steps = steps_for_minutes(cfg.train.minutes, seconds, state.step - first_step)
-                    bar.total = bar.n + (student_steps + seg_steps) * math.ceil(
-                        (state.total_steps - state.step) / student_steps
-                    )
-                epoch += 1
-                log = {"epoch": epoch, "step": state.step, "total_steps": state.total_steps, **log,
-                       "seconds": round(seconds, 2), "foreground_policy": pairs.policy,
-                       "processes": ctx.world}  # fmt: skip
-                state.epoch, state.history = epoch, [*state.history, log]
-                if ctx.is_main:  # rank 0 alone writes; the others wait so every rank sees the same files
-                    _save(ckpt_path, cfg, model, student_opt, seg_opt, state)
-                    with (out / "train_log.jsonl").open("a") as f:
-                        f.write(json.dumps(log) + "\n")
-                    every = cfg.train.snapshot_every
-                    if every and (state.step // every > first_step // every or state.step >= state.total_steps):
-                        _save_snapshot(out / "snapshots" / f"step_{state.step:06d}.pt", cfg, model, state)
-                ctx.barrier()
+                with _weights_for_maps(average) as extra:  # statistics, head and files: the map weights
+                    if model.cfg.map_normalization:
+                        fit_map_statistics(model, stats_records, cfg, device)
+                    if seg_obj is not None:
+                        seg_start = time.perf_counter()
+                        log |= train_segmentation_epoch(model, seg_obj, pairs, seg_opt, cfg, device, epoch, bar, ctx)
+                        log["seg_seconds"] = round(time.perf_counter() - seg_start, 2)
+                    seconds = time.perf_counter() - start
+                    if not state.total_steps:  # a minutes budget: fixed once, from the first epoch's speed
+                        state.total_steps = steps_for_minutes(cfg.train.minutes, seconds, state.step - first_step)
+                        bar.total = bar.n + (student_steps + seg_steps) * math.ceil(
+                            (state.total_steps - state.step) / student_steps
+                        )
+                    epoch += 1
+                    log = {"epoch": epoch, "step": state.step, "total_steps": state.total_steps, **log,
+                           "seconds": round(seconds, 2), "foreground_policy": pairs.policy,
+                           "processes": ctx.world}  # fmt: skip
+                    state.epoch, state.history = epoch, [*state.history, log]
+                    if ctx.is_main:  # rank 0 alone writes; the others wait so every rank sees the same files
+                        _save(ckpt_path, cfg, model, student_opt, seg_opt, state, **extra)
+                        with (out / "train_log.jsonl").open("a") as f:
+                            f.write(json.dumps(log) + "\n")
+                        every = cfg.train.snapshot_every
+                        if every and (state.step // every > first_step // every or state.step >= state.total_steps):
+                            _save_snapshot(out / "snapshots" / f"step_{state.step:06d}.pt", cfg, model, state, extra)
+                    ctx.barrier()
     except (KeyboardInterrupt, _StopRequested) as exc:
         bar.close()
         raise DmddError(
@@ -340,9 +357,10 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
         ) from None
     bar.close()
     if ctx.is_main:
-        # Thresholds from held-out normal training images (all training images when none are held out).
-        thresholds = calibrate(model, holdout or train_records, cfg, device)
-        _save(ckpt_path, cfg, model, student_opt, seg_opt, state, thresholds=thresholds)
+        with _weights_for_maps(average) as extra:
+            # Thresholds from held-out normal training images (all training images when none are held out).
+            thresholds = calibrate(model, holdout or train_records, cfg, device)
+            _save(ckpt_path, cfg, model, student_opt, seg_opt, state, thresholds=thresholds, **extra)
     ctx.barrier()
     return ckpt_path
 
@@ -365,14 +383,20 @@ def _save(path, cfg, model, student_opt, seg_opt, state: TrainState, **extra) ->
     )
 
 
-def _restore(path, cfg, model, student_opt, seg_opt) -> TrainState:
+def _restore(path, cfg, model, student_opt, seg_opt, average: WeightAverage | None = None) -> TrainState:
     payload = load_checkpoint(path)
     if payload["config"]["model"] != cfg.to_dict()["model"]:
         raise CheckpointError(
             f"cannot resume from {path}: it was trained with a different model configuration; "
             "use the same config or another --out folder"
         )
-    load_model_state(model, payload["model"], path)
+    load_model_state(model, payload["model"], path)  # the map weights: the average when one was kept
+    if average is not None:
+        average.reset()
+    if payload.get("training_student") is not None:  # the optimiser continues from the raw weights
+        with torch.no_grad():
+            for k, v in student_state(model).items():
+                v.copy_(payload["training_student"][k])
     student_opt.load_state_dict(payload["optimizer_student"])
     if seg_opt is not None and payload.get("optimizer_segmentation"):
         seg_opt.load_state_dict(payload["optimizer_segmentation"])
@@ -381,7 +405,8 @@ def _restore(path, cfg, model, student_opt, seg_opt) -> TrainState:
                       list(payload.get("history") or []))  # fmt: skip
 
 
-def _save_snapshot(path: Path, cfg: Config, model: DMDD, state: TrainState) -> None:
-    """A model-only copy (no optimiser state) along the way, loadable with ``restore_model``."""
+def _save_snapshot(path: Path, cfg: Config, model: DMDD, state: TrainState, extra: dict[str, Any]) -> None:
+    """A model-only copy (no optimiser state) along the way, loadable with ``restore_model``; with a weight average
+    it also keeps the raw training weights (``training_student``) for comparison."""
     save_checkpoint(path, {"config": cfg.to_dict(), "model": model.state_dict(), "epoch": state.epoch,
-                           "step": state.step, "history": state.history})  # fmt: skip
+                           "step": state.step, "history": state.history, **extra})  # fmt: skip
