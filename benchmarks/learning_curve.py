@@ -191,8 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     add_data_args(p)
     p.add_argument("--per-map", action="store_true", help="also every single map")
     p.add_argument("--only", nargs="*", type=int, help="evaluate only these steps")
-    p.add_argument("--weights", choices=["map", "training"], default="map",
-                   help="the snapshot's map weights (the average with train.ema_decay) or its raw training weights")
+    p.add_argument(
+        "--weights",
+        choices=["map", "training"],
+        default="map",
+        help="the snapshot's map weights (the average with train.ema_decay) or its raw training weights",
+    )
     p.add_argument("--quick", action="store_true", help="score only the default map and sum_norm")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
