@@ -164,7 +164,8 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
             ax.set_title(label)
             ax.grid(alpha=0.3)
         row[0].set_ylabel("% (fusions)" if names is FUSIONS else "% (single maps)")
-        row[-1].legend(fontsize=8, ncol=2)
+        if row[-1].lines:
+            row[-1].legend(fontsize=8, ncol=2)
     for ax in axes[1]:
         ax.set_xlabel("student steps")
     fig.suptitle(title)
