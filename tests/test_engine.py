@@ -214,13 +214,17 @@ def test_map_statistics_make_the_residual_base_the_standardised_sum_of_standardi
     assert torch.allclose(base, expected, atol=1e-3)
 
 
-def test_checkpoint_from_before_image_score_keeps_its_max_score(tiny_tree, tmp_path):
+def test_checkpoint_from_before_image_score_and_ema_keeps_its_max_score_and_last_weights(tiny_tree, tmp_path):
+    from dmdd.checkpoint import config_of
+
     ckpt = fit(tiny_config(tiny_tree), tmp_path / "o", progress=False)
     payload = load_checkpoint(ckpt)
-    assert restore_model(ckpt)[0].cfg.image_score == "top_k"
-    del payload["config"]["model"]["image_score"]  # as written before the option existed
+    assert restore_model(ckpt)[0].cfg.image_score == "top_k" and config_of(payload).train.ema_decay == 0.99
+    del payload["config"]["model"]["image_score"]  # as written before the options existed
+    del payload["config"]["train"]["ema_decay"]
     save_checkpoint(tmp_path / "old.pt", {k: v for k, v in payload.items() if not k.startswith("format")})
     assert restore_model(tmp_path / "old.pt")[0].cfg.image_score == "max"
+    assert config_of(load_checkpoint(tmp_path / "old.pt")).train.ema_decay == 0.0
 
 
 def test_checkpoint_without_residual_base_weights_loads_with_the_mean_base(tiny_tree, tmp_path):

@@ -75,6 +75,9 @@ def config_of(payload: dict[str, Any], path: str | Path = "checkpoint") -> Confi
     if isinstance(model, dict) and "image_score" not in model and not model.get("msn", False):
         # Written before model.image_score existed: the plain sum was scored by its maximum (thresholds too).
         raw = {**raw, "model": {**model, "image_score": "max"}}
+    train = raw.get("train") if isinstance(raw, dict) else None
+    if isinstance(train, dict) and "ema_decay" not in train:
+        raw = {**raw, "train": {**train, "ema_decay": 0.0}}  # written before train.ema_decay: the last weights
     try:
         return Config.from_dict(raw)
     except (ConfigError, TypeError) as exc:

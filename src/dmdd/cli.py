@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float,
                    help="training length as a wall-clock budget; converted to steps after the first epoch")  # fmt: skip
     p.add_argument("--snapshot-every", type=int, help="keep a model copy every N steps in <out>/snapshots")
+    p.add_argument("--ema-decay", type=float,
+                   help="maps from an exponential moving average of the student weights (default 0.99; 0: the "
+                        "last weights, as the paper)")  # fmt: skip
     p.add_argument("--batch-size", type=int, help="normal/anomalous pairs per step (default 16)")
     p.add_argument("--image-size", type=int, help="input size, a multiple of 32 (default 256)")
     p.add_argument("--resize", choices=["squash", "pad", "crop"],
@@ -135,7 +138,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         ("model", "backbone", args.backbone), ("model", "weights", args.weights),
         ("model", "image_size", args.image_size), ("model", "resize", args.resize), ("train", "epochs", args.epochs),
         ("train", "steps", args.steps), ("train", "minutes", args.minutes),
-        ("train", "snapshot_every", args.snapshot_every),
+        ("train", "snapshot_every", args.snapshot_every), ("train", "ema_decay", args.ema_decay),
         ("train", "batch_size", args.batch_size), ("train", "seed", args.seed), ("train", "amp", args.amp),
         ("train", "channels_last", args.channels_last),
         ("train", "device", args.device), ("train", "num_threads", args.threads),

@@ -192,6 +192,8 @@ class TrainConfig:
         warmup_steps: linear learning-rate warm-up of the student side over this many steps.
         ema_decay: exponential moving average of the student side's weights, used for the maps, statistics and
             thresholds while the optimiser trains the raw weights (``dmdd.averaging``); 0 = off (paper: none).
+            Chosen 0.99: at the paper's constant learning rate the last weights' maps swing from snapshot to
+            snapshot; the average's do not (benchmarks/results.md §10, docs/deviations.md).
         snapshot_every: also keep a copy of the model every this many student steps (at the end of the epoch that
             crosses the mark) in ``snapshots/`` for learning curves; 0 keeps none.
         batch_size: normal/anomalous pairs per step.
@@ -226,7 +228,7 @@ class TrainConfig:
     minutes: float = 0.0
     lr_schedule: str = "constant"
     warmup_steps: int = 0
-    ema_decay: float = 0.0
+    ema_decay: float = 0.99
     snapshot_every: int = 0
     batch_size: int = 16
     lr: float = 0.005
