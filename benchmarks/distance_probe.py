@@ -4,11 +4,6 @@ For each stage and branch the eight cosine maps (the paper's D) and the same pai
 distance of the features; each map standardised on the held-out good images, summed, smoothed like the default,
 scored per defect type (P-AUROC, AU-PRO) on the test split. A diagnostic, not a fusion dmdd uses.
 
-``cosine+magnitude`` adds a magnitude term only where good images say it is stable: per map, the log-ratio of the
-student's to the teacher's feature norm, standardised per position (16 x 16 cells) by its mean and spread on the
-held-out good images (spread floored at the map's global one), so positions where the magnitude varies between
-good images (a dark, noisy background) contribute little.
-
     python benchmarks/distance_probe.py runs/curve_magnetic_tile/default.pt --category magnetic_tile --threads 1
 """
 
@@ -31,38 +26,22 @@ from dmdd.models.segmentation import gaussian_blur
 
 @torch.inference_mode()
 def maps_of(model, records, size: int):
-    """(cosine maps (N, 8, S, S), L2 maps (N, 8, S, S), norm log-ratio maps (N, 8, S, S), masks (N, S, S))."""
-    cos, l2, mag, masks = [], [], [], []
+    """(cosine maps (N, 8, S, S), L2 maps (N, 8, S, S), masks (N, S, S))."""
+    cos, l2, masks = [], [], []
     for batch in DataLoader(AnomalyDataset(records, size, mask_size=size), batch_size=8):
         feats = model.features(batch["image"])
         pairs = [(t, s) for branch in (feats.normality, feats.abnormality) for t, s in zip(feats.teacher, branch)]
         up = lambda m: F.interpolate(m, size=(size, size), mode="bilinear")  # noqa: E731
         cos.append(torch.cat([up(1 - F.cosine_similarity(t, s, dim=1).unsqueeze(1)) for t, s in pairs], 1).numpy())
         l2.append(torch.cat([up(((t - s) ** 2).mean(1, keepdim=True)) for t, s in pairs], 1).numpy())
-        lognorm = lambda x: (x.norm(dim=1, keepdim=True) + 1e-6).log()  # noqa: E731
-        mag.append(torch.cat([up(lognorm(s) - lognorm(t)) for t, s in pairs], 1).numpy())
         masks.append(batch["mask"][:, 0].numpy().astype(bool))
-    return np.concatenate(cos), np.concatenate(l2), np.concatenate(mag), np.concatenate(masks)
+    return np.concatenate(cos), np.concatenate(l2), np.concatenate(masks)
 
 
-def z_sum(maps: np.ndarray, hold: np.ndarray) -> np.ndarray:
-    """Each map standardised by its held-out mean and std, summed: (N, 1, S, S)."""
+def fuse(maps: np.ndarray, hold: np.ndarray, sigma: float) -> np.ndarray:
     mean, std = hold.mean(axis=(0, 2, 3)), hold.std(axis=(0, 2, 3)) + 1e-12
-    return ((maps - mean[None, :, None, None]) / std[None, :, None, None]).sum(1, keepdims=True)
-
-
-def smooth(z: np.ndarray, sigma: float) -> np.ndarray:
+    z = ((maps - mean[None, :, None, None]) / std[None, :, None, None]).sum(1, keepdims=True)
     return gaussian_blur(torch.from_numpy(z), sigma)[:, 0].numpy()
-
-
-def local_z(maps: np.ndarray, hold: np.ndarray, grid: int = 16) -> np.ndarray:
-    """|maps - mean| / spread per position (grid x grid cells of the held-out maps), summed over the maps."""
-    t = torch.from_numpy(hold)
-    mean = F.adaptive_avg_pool2d(t, grid).mean(0, keepdim=True)
-    std = (F.adaptive_avg_pool2d(t**2, grid).mean(0, keepdim=True) - mean**2).clamp_min(0).sqrt()
-    std = torch.maximum(std, torch.from_numpy(hold.std(axis=(0, 2, 3))).view(1, -1, 1, 1))
-    up = lambda x: F.interpolate(x, size=maps.shape[-2:], mode="bilinear").numpy()  # noqa: E731
-    return (np.abs(maps - up(mean)) / up(std)).sum(1, keepdims=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,16 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     category = load_category(args.data, args.category)
     _, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
     size = cfg.model.image_size
-    hold_cos, hold_l2, hold_mag, _ = maps_of(model, holdout, size)
-    cos, l2, mag, masks = maps_of(model, category.test, size)
-    sigma = cfg.model.map_sigma
-    cos_z = z_sum(cos, hold_cos)
-    fused = {"cosine": smooth(cos_z, sigma), "l2": smooth(z_sum(l2, hold_l2), sigma)}
-    # The magnitude term on the scale of the cosine sum: standardised by its own held-out mean and spread.
-    hold_term, term = local_z(hold_mag, hold_mag), local_z(mag, hold_mag)
-    hold_cos_z = z_sum(hold_cos, hold_cos)
-    term = (term - hold_term.mean()) / (hold_term.std() + 1e-12) * hold_cos_z.std()
-    fused["cosine+magnitude"] = smooth(cos_z + term, sigma)
+    hold_cos, hold_l2, _ = maps_of(model, holdout, size)
+    cos, l2, masks = maps_of(model, category.test, size)
+    fused = {"cosine": fuse(cos, hold_cos, cfg.model.map_sigma), "l2": fuse(l2, hold_l2, cfg.model.map_sigma)}
     types = np.array([r.defect_type for r in category.test])
     labels = np.array([r.label for r in category.test])
     result = {}

@@ -34,15 +34,16 @@ class WeightAverage:
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
-        self.model = model
         self.decay = decay
-        self.average = {k: v.detach().clone() for k, v in student_state(model).items()}
+        # Views of the live weights, taken once: the optimiser updates them in place, so they stay current.
+        self.live = student_state(model)
+        self.average = {k: v.detach().clone() for k, v in self.live.items()}
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Fold in the model's weights after optimiser step ``step`` (0-based)."""
         d = min(self.decay, (1.0 + step) / (10.0 + step))
-        for k, v in student_state(self.model).items():
+        for k, v in self.live.items():
             avg = self.average[k]
             if avg.is_floating_point():
                 avg.lerp_(v.detach(), 1.0 - d)
@@ -52,14 +53,14 @@ class WeightAverage:
     @torch.no_grad()
     def reset(self) -> None:
         """Set the average to the model's current weights (a resumed run: the checkpoint's map weights)."""
-        for k, v in student_state(self.model).items():
+        for k, v in self.live.items():
             self.average[k].copy_(v)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[dict[str, torch.Tensor]]:
         """Within the block the model holds the averaged weights; yields a copy of its training weights, which are
         put back on exit."""
-        live = student_state(self.model)
+        live = self.live
         training = {k: v.detach().clone() for k, v in live.items()}
         with torch.no_grad():
             for k, v in live.items():
