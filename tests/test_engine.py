@@ -221,10 +221,12 @@ def test_checkpoint_from_before_image_score_and_ema_keeps_its_max_score_and_last
     payload = load_checkpoint(ckpt)
     assert restore_model(ckpt)[0].cfg.image_score == "top_k" and config_of(payload).train.ema_decay == 0.99
     del payload["config"]["model"]["image_score"]  # as written before the options existed
-    del payload["config"]["train"]["ema_decay"]
+    for key in ("ema_decay", "clip_factor", "ema_gate"):
+        del payload["config"]["train"][key]
     save_checkpoint(tmp_path / "old.pt", {k: v for k, v in payload.items() if not k.startswith("format")})
     assert restore_model(tmp_path / "old.pt")[0].cfg.image_score == "max"
-    assert config_of(load_checkpoint(tmp_path / "old.pt")).train.ema_decay == 0.0
+    train = config_of(load_checkpoint(tmp_path / "old.pt")).train
+    assert (train.ema_decay, train.clip_factor, train.ema_gate) == (0.0, 0.0, 0.0)
 
 
 def test_checkpoint_without_residual_base_weights_loads_with_the_mean_base(tiny_tree, tmp_path):
@@ -286,3 +288,21 @@ def test_weight_average_drives_the_maps_and_resume_keeps_both_weight_sets(tiny_t
         assert torch.equal(v, resumed["model"][k]), k
     for k, v in raw.items():
         assert torch.equal(v, resumed["training_student"][k]), k
+    assert resumed["spike_guard"] == payload["spike_guard"]  # the guards' running levels continue too
+    assert payload["spike_guard"]["grad"]["count"] == len(seen)
+
+
+def test_steps_the_loss_gate_rejects_stay_out_of_the_weight_average(tiny_tree, tmp_path):
+    from dmdd.averaging import student_state
+    from dmdd.stability import SpikeGuard
+
+    cfg = tiny_config(tiny_tree, epochs=2, ema_decay=0.5)
+    torch.manual_seed(cfg.train.seed)
+    initial = student_state(DMDD(cfg.model))  # the engine builds the same model from the same seed
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SpikeGuard, "admit", lambda self, loss: False)
+        payload = load_checkpoint(fit(cfg, tmp_path / "g", progress=False))
+    for k, v in initial.items():
+        assert torch.equal(payload["model"][k], v), k
+    assert any(not torch.equal(payload["training_student"][k], v) for k, v in initial.items())
+    assert {"clipped_steps", "gated_steps"} <= payload["history"][-1].keys()  # the epoch log counts both

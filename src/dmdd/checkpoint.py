@@ -76,8 +76,8 @@ def config_of(payload: dict[str, Any], path: str | Path = "checkpoint") -> Confi
         # Written before model.image_score existed: the plain sum was scored by its maximum (thresholds too).
         raw = {**raw, "model": {**model, "image_score": "max"}}
     train = raw.get("train") if isinstance(raw, dict) else None
-    if isinstance(train, dict) and "ema_decay" not in train:
-        raw = {**raw, "train": {**train, "ema_decay": 0.0}}  # written before train.ema_decay: the last weights
+    if isinstance(train, dict):  # written before these options existed: the last weights, no guards
+        raw = {**raw, "train": {"ema_decay": 0.0, "clip_factor": 0.0, "ema_gate": 0.0, **train}}
     try:
         return Config.from_dict(raw)
     except (ConfigError, TypeError) as exc:

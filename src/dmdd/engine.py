@@ -39,6 +39,7 @@ from dmdd.distributed import (
 from dmdd.errors import CheckpointError, DmddError, TrainingDivergedError
 from dmdd.evaluation import calibrate, fit_map_statistics
 from dmdd.models.dmdd import DMDD
+from dmdd.stability import SpikeGuard
 
 
 def select_device(name: str) -> torch.device:
@@ -155,12 +156,15 @@ def _check_finite(loss: torch.Tensor, epoch: int, what: str) -> None:
         )
 
 
-def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ctx, state, average=None) -> dict:
+def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ctx, state, average=None,
+                        guard=None) -> dict:  # fmt: skip
     """One pass over the pairs (or what is left of the step budget) training student, 1x1 convs and PMN with
-    L_NGM + L_AIM; advances ``state.step`` and folds every step into ``average`` (a ``WeightAverage``) if given."""
+    L_NGM + L_AIM; advances ``state.step`` and folds every step into ``average`` (a ``WeightAverage``) if given.
+    ``guard`` (a ``SpikeGuard``) clips outlying gradient norms and keeps outlying-loss steps out of the average."""
     sums = {"ngm": 0.0, "aim": 0.0}
     steps = 0
     base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     fmt = _memory_format(cfg)
     for normal, anomalous, mask in _loader(pairs, cfg, epoch, 0, ctx):
         if state.total_steps and state.step >= state.total_steps:
@@ -175,8 +179,10 @@ def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ct
         _check_finite(loss, epoch, "student")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if guard is not None:
+            guard.clip(params)
         optimizer.step()
-        if average is not None:
+        if average is not None and (guard is None or guard.admit(float(loss.detach()))):
             average.update(state.step)
         steps += 1
         state.step += 1
@@ -184,7 +190,7 @@ def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ct
         sums["aim"] += float(aim.detach())
         bar.update(1)
         bar.set_postfix(epoch=epoch + 1, ngm=f"{sums['ngm'] / steps:.4f}", aim=f"{sums['aim'] / steps:.4f}")
-    return {k: v / max(steps, 1) for k, v in sums.items()}
+    return {k: v / max(steps, 1) for k, v in sums.items()} | (guard.take_counts() if guard is not None else {})
 
 
 def _segmentation_steps(pairs, cfg, ctx) -> int:
@@ -228,14 +234,16 @@ def train_segmentation_epoch(model, objective, pairs, optimizer, cfg, device, ep
 
 
 @contextlib.contextmanager
-def _weights_for_maps(average: WeightAverage | None) -> Iterator[dict[str, Any]]:
+def _weights_for_maps(average: WeightAverage | None, guard: SpikeGuard | None = None) -> Iterator[dict[str, Any]]:
     """The block sees the weights the maps come from (the average when ``train.ema_decay`` is on); yields what a
-    checkpoint needs besides them: ``{"training_student": raw weights}`` with an average, else nothing."""
+    checkpoint needs besides them: the raw weights (``training_student``) with an average and the spike guard's
+    running levels (``spike_guard``) with a guard."""
+    extra = {"spike_guard": guard.state_dict()} if guard is not None else {}
     if average is None:
-        yield {}
+        yield extra
         return
     with average.applied() as training:
-        yield {"training_student": training}
+        yield {"training_student": training, **extra}
 
 
 class _StopRequested(Exception):
@@ -297,8 +305,10 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     student_opt, seg_opt = build_optimizers(model, cfg)
     state = TrainState()
     average = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    t = cfg.train
+    guard = SpikeGuard(t.clip_factor, t.ema_gate if average else 0.0) if t.clip_factor or t.ema_gate else None
     if resume and ckpt_path.is_file():
-        state = _restore(ckpt_path, cfg, model, student_opt, seg_opt, average)
+        state = _restore(ckpt_path, cfg, model, student_opt, seg_opt, average, guard)
     student_obj = wrap(StudentObjective(model, cfg), ctx, device)
     seg_obj = wrap(SegmentationObjective(model), ctx, device) if model.segmentation is not None else None
     model.train()
@@ -321,9 +331,9 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
             while not state.total_steps or state.step < state.total_steps:
                 start, first_step = time.perf_counter(), state.step
                 log = train_student_epoch(student_obj, pairs, student_opt, cfg, device, epoch, bar, ctx, state,
-                                          average)  # fmt: skip
+                                          average, guard)  # fmt: skip
                 log["student_seconds"] = round(time.perf_counter() - start, 2)
-                with _weights_for_maps(average) as extra:  # statistics, head and files: the map weights
+                with _weights_for_maps(average, guard) as extra:  # statistics, head and files: the map weights
                     if model.cfg.map_normalization:
                         fit_map_statistics(model, stats_records, cfg, device)
                     if seg_obj is not None:
@@ -357,7 +367,7 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
         ) from None
     bar.close()
     if ctx.is_main:
-        with _weights_for_maps(average) as extra:
+        with _weights_for_maps(average, guard) as extra:
             # Thresholds from held-out normal training images (all training images when none are held out).
             thresholds = calibrate(model, holdout or train_records, cfg, device)
             _save(ckpt_path, cfg, model, student_opt, seg_opt, state, thresholds=thresholds, **extra)
@@ -383,7 +393,8 @@ def _save(path, cfg, model, student_opt, seg_opt, state: TrainState, **extra) ->
     )
 
 
-def _restore(path, cfg, model, student_opt, seg_opt, average: WeightAverage | None = None) -> TrainState:
+def _restore(path, cfg, model, student_opt, seg_opt, average: WeightAverage | None = None,
+             guard: SpikeGuard | None = None) -> TrainState:  # fmt: skip
     payload = load_checkpoint(path)
     if payload["config"]["model"] != cfg.to_dict()["model"]:
         raise CheckpointError(
@@ -400,6 +411,8 @@ def _restore(path, cfg, model, student_opt, seg_opt, average: WeightAverage | No
     student_opt.load_state_dict(payload["optimizer_student"])
     if seg_opt is not None and payload.get("optimizer_segmentation"):
         seg_opt.load_state_dict(payload["optimizer_segmentation"])
+    if guard is not None and payload.get("spike_guard") is not None:
+        guard.load_state_dict(payload["spike_guard"])
     torch.set_rng_state(payload["rng"]["torch"])
     return TrainState(int(payload["epoch"]), int(payload.get("step", 0)), int(payload.get("total_steps", 0)),
                       list(payload.get("history") or []))  # fmt: skip
