@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dmdd.stability import RunningLevel, SpikeGuard
+from dmdd.stability import RunningLevel, SpikeGuard, clip_updates
 
 
 def test_running_level_flags_outliers_after_warmup_and_rises_slowly_to_a_new_level():
@@ -29,29 +29,64 @@ def test_running_level_state_round_trips():
     assert (a.level, a.limit, a.count) == (b.level, b.limit, b.count)
 
 
-def test_spike_guard_clips_an_outlying_gradient_to_its_limit_and_leaves_usual_ones():
-    guard = SpikeGuard(clip_factor=2.0, ema_gate=0.0)
-    p = torch.nn.Parameter(torch.zeros(4))
-    usual = torch.tensor([0.5, 0.5, 0.5, 0.5])  # norm 1
-    for _ in range(guard.grad.warmup):
-        p.grad = usual.clone()
-        assert guard.clip([p]) == pytest.approx(1.0)
-        assert torch.equal(p.grad, usual)
-    p.grad = 10 * usual
-    assert guard.clip([p]) == pytest.approx(10.0)
-    assert p.grad.norm().item() == pytest.approx(2.0, rel=1e-5)  # clipped to 2 x the running level
-    assert torch.allclose(p.grad / p.grad.norm(), usual)  # same direction
-    assert guard.take_counts() == {"clipped_steps": 1, "gated_steps": 0}
-    assert guard.take_counts() == {"clipped_steps": 0, "gated_steps": 0}
+def _adam_step(params, opt, grads, lr, clip):
+    for group in opt.param_groups:
+        group["lr"] = lr
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    out = clip_updates(opt) if clip else None
+    opt.step()
+    return out
 
 
-def test_spike_guard_keeps_high_loss_steps_out_of_the_average():
-    guard = SpikeGuard(clip_factor=0.0, ema_gate=2.0)
+def test_update_clipping_is_adam_with_the_rate_divided_by_the_out_of_date_ratio():
+    gen = torch.Generator().manual_seed(0)
+    betas, lr = (0.5, 0.999), 0.01
+    # Gradients that shrink for 30 steps, then one 20x larger on the first tensor only.
+    base = [torch.randn(6, generator=gen), torch.randn(3, generator=gen)]
+    history = [[b * 0.9**t for b in base] for t in range(30)]
+    spike = [torch.randn(6, generator=gen) * 20, base[1] * 0.9**30]
+    clipped = [torch.nn.Parameter(torch.zeros(6)), torch.nn.Parameter(torch.zeros(3))]
+    plain = [torch.nn.Parameter(torch.zeros(6)), torch.nn.Parameter(torch.zeros(3))]
+    opt_c = torch.optim.Adam([{"params": [p]} for p in clipped], lr=lr, betas=betas)
+    opt_p = torch.optim.Adam([{"params": [p]} for p in plain], lr=lr, betas=betas)
+    for grads in history:  # shrinking gradients: g^2 below the average of past ones, nothing is clipped
+        assert _adam_step(clipped, opt_c, grads, lr, clip=True)[1] == 0
+        _adam_step(plain, opt_p, grads, lr, clip=False)
+    for a, b in zip(clipped, plain):
+        assert torch.equal(a, b)
+    # Brute-force reference of the first tensor's ratio from the gradient history (Adam's second moment by hand).
+    v = torch.zeros(6, dtype=torch.float64)
+    for grads in [*history, spike]:
+        v = betas[1] * v + (1 - betas[1]) * grads[0].double() ** 2
+    ratio = float((spike[0].double() ** 2 / (v / (1 - betas[1] ** (len(history) + 1)))).mean().sqrt())
+    assert ratio > 5
+    before = [p.detach().clone() for p in clipped]
+    largest, count = _adam_step(clipped, opt_c, spike, lr, clip=True)
+    assert count == 1 and largest == pytest.approx(ratio, rel=1e-5)
+    # The clipped tensor moved as Adam at lr / ratio would move it; the other one as plain Adam.
+    opt_p.param_groups[0]["lr"] = lr / ratio
+    for p, g in zip(plain, spike):
+        p.grad = g.clone()
+    opt_p.step()
+    for a, b in zip(clipped, plain):
+        assert torch.allclose(a, b, atol=1e-7)
+    assert (plain[0] - before[0]).abs().max() < lr  # without the clip it would have moved ~lr * 16 at most
+
+
+def test_spike_guard_keeps_high_loss_steps_out_of_the_average_and_counts_clipping():
+    guard = SpikeGuard(update_clip=False, ema_gate=2.0)
     assert all(guard.admit(0.1) for _ in range(guard.loss.warmup))
     assert not guard.admit(0.5)
     assert guard.admit(0.15)
     assert guard.take_counts()["gated_steps"] == 1
+    assert guard.take_counts()["gated_steps"] == 0
     p = torch.nn.Parameter(torch.zeros(2))
-    p.grad = torch.ones(2) * 1e6
-    guard.clip([p])  # clipping off: never changes a gradient
-    assert torch.equal(p.grad, torch.ones(2) * 1e6)
+    opt = torch.optim.Adam([p], lr=0.1)
+    for scale in (1.0, 1.0, 100.0):
+        opt.param_groups[0]["lr"] = 0.1
+        p.grad = torch.ones(2) * scale
+        guard.clip(opt)  # update clipping off: the rate is never touched
+        assert opt.param_groups[0]["lr"] == 0.1
+        opt.step()
+    assert guard.take_counts()["clipped_tensors_per_step"] == 0

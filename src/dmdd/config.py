@@ -194,10 +194,11 @@ class TrainConfig:
             thresholds while the optimiser trains the raw weights (``dmdd.averaging``); 0 = off (paper: none).
             Chosen 0.99: at the paper's constant learning rate the last weights' maps swing from snapshot to
             snapshot; the average's do not (benchmarks/results.md §10, docs/deviations.md).
-        clip_factor: clip the student gradient's norm at this multiple of its running level (``dmdd.stability``);
-            0 = off (paper: none). Chosen 2: see benchmarks/results.md §10 and docs/deviations.md.
+        update_clip: per tensor, divide the student's step size by ``max(1, RMS(g^2 / v_hat))`` (Adafactor's update
+            clipping, ``dmdd.stability``) so no tensor moves much further than usual when Adam's second moment is
+            out of date (paper: plain Adam). Chosen: benchmarks/results.md §10, docs/deviations.md.
         ema_gate: with ``ema_decay``, leave a step out of the weight average when its loss exceeds this multiple of
-            the running loss level; 0 = off (paper: none). Chosen 2, as ``clip_factor``.
+            the running loss level; 0 = off (paper: none). Chosen 2, as ``update_clip``.
         snapshot_every: also keep a copy of the model every this many student steps (at the end of the epoch that
             crosses the mark) in ``snapshots/`` for learning curves; 0 keeps none.
         batch_size: normal/anomalous pairs per step.
@@ -233,7 +234,7 @@ class TrainConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     ema_decay: float = 0.99
-    clip_factor: float = 2.0
+    update_clip: bool = True
     ema_gate: float = 2.0
     snapshot_every: int = 0
     batch_size: int = 16
@@ -277,8 +278,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr_schedule must be constant|cosine, got {self.lr_schedule!r}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if self.clip_factor and self.clip_factor <= 1 or self.ema_gate and self.ema_gate <= 1:
-            raise ConfigError("train.clip_factor and train.ema_gate must be 0 (off) or > 1")
+        if self.ema_gate and self.ema_gate <= 1:
+            raise ConfigError(f"train.ema_gate must be 0 (off) or > 1, got {self.ema_gate!r}")
         if not 0 <= self.holdout_fraction < 1:
             raise ConfigError("train.holdout_fraction must be in [0, 1)")
 

@@ -107,13 +107,11 @@ def build_optimizers(model: DMDD, cfg: Config) -> tuple[torch.optim.Optimizer, t
     """Adam for the student side (pretrained stages and new parts take separate rates) and for the MSN."""
     pretrained, new = model.student_parameters()
     t = cfg.train
-    student = torch.optim.Adam(
-        [
-            {"params": pretrained, "lr": t.lr_pretrained, "initial_lr": t.lr_pretrained},
-            {"params": new, "lr": t.lr, "initial_lr": t.lr},
-        ],
-        betas=t.betas,
-    )
+    parts = [(pretrained, t.lr_pretrained), (new, t.lr)]
+    if t.update_clip:  # one group per tensor: update clipping sets each tensor's rate (dmdd.stability)
+        parts = [([p], lr) for params, lr in parts for p in params]
+    student = torch.optim.Adam([{"params": params, "lr": lr, "initial_lr": lr} for params, lr in parts],
+                               betas=t.betas)  # fmt: skip
     seg = torch.optim.Adam(model.segmentation.parameters(), lr=t.seg_lr) if model.segmentation is not None else None
     return student, seg
 
@@ -160,11 +158,10 @@ def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ct
                         guard=None) -> dict:  # fmt: skip
     """One pass over the pairs (or what is left of the step budget) training student, 1x1 convs and PMN with
     L_NGM + L_AIM; advances ``state.step`` and folds every step into ``average`` (a ``WeightAverage``) if given.
-    ``guard`` (a ``SpikeGuard``) clips outlying gradient norms and keeps outlying-loss steps out of the average."""
+    ``guard`` (a ``SpikeGuard``) clips out-of-date updates and keeps outlying-loss steps out of the average."""
     sums = {"ngm": 0.0, "aim": 0.0}
     steps = 0
     base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     fmt = _memory_format(cfg)
     for normal, anomalous, mask in _loader(pairs, cfg, epoch, 0, ctx):
         if state.total_steps and state.step >= state.total_steps:
@@ -180,7 +177,7 @@ def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ct
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if guard is not None:
-            guard.clip(params)
+            guard.clip(optimizer)
         optimizer.step()
         if average is not None and (guard is None or guard.admit(float(loss.detach()))):
             average.update(state.step)
@@ -306,7 +303,7 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     state = TrainState()
     average = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
     t = cfg.train
-    guard = SpikeGuard(t.clip_factor, t.ema_gate if average else 0.0) if t.clip_factor or t.ema_gate else None
+    guard = SpikeGuard(t.update_clip, t.ema_gate if average else 0.0) if t.update_clip or t.ema_gate else None
     if resume and ckpt_path.is_file():
         state = _restore(ckpt_path, cfg, model, student_opt, seg_opt, average, guard)
     student_obj = wrap(StudentObjective(model, cfg), ctx, device)
@@ -408,7 +405,7 @@ def _restore(path, cfg, model, student_opt, seg_opt, average: WeightAverage | No
         with torch.no_grad():
             for k, v in student_state(model).items():
                 v.copy_(payload["training_student"][k])
-    student_opt.load_state_dict(payload["optimizer_student"])
+    student_opt.load_state_dict(_regroup(payload["optimizer_student"], student_opt))
     if seg_opt is not None and payload.get("optimizer_segmentation"):
         seg_opt.load_state_dict(payload["optimizer_segmentation"])
     if guard is not None and payload.get("spike_guard") is not None:
@@ -416,6 +413,20 @@ def _restore(path, cfg, model, student_opt, seg_opt, average: WeightAverage | No
     torch.set_rng_state(payload["rng"]["torch"])
     return TrainState(int(payload["epoch"]), int(payload.get("step", 0)), int(payload.get("total_steps", 0)),
                       list(payload.get("history") or []))  # fmt: skip
+
+
+def _regroup(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimiser state saved with another grouping of the same parameters (``train.update_clip`` on: one group
+    per tensor; off: two groups), laid onto this optimiser's groups; parameters keep their order and their state."""
+    if len(saved["param_groups"]) == len(optimizer.param_groups):
+        return saved
+    order = [i for group in saved["param_groups"] for i in group["params"]]
+    groups, start = [], 0
+    for group in optimizer.param_groups:
+        size = len(group["params"])
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": order[start : start + size]})
+        start += size
+    return {"state": saved["state"], "param_groups": groups}
 
 
 def _save_snapshot(path: Path, cfg: Config, model: DMDD, state: TrainState, extra: dict[str, Any]) -> None:

@@ -1,19 +1,21 @@
-"""Guards against the student's loss spikes (``train.clip_factor``, ``train.ema_gate``; dmdd additions, DESIGN §5).
+"""Guards against the student's loss spikes (``train.update_clip``, ``train.ema_gate``; dmdd additions, DESIGN §5).
 
 At the paper's constant learning rate 0.005 with Adam (0.5, 0.999) the student loss sometimes jumps back towards its
 untrained value within one epoch (benchmarks/results.md §10: 0.069 -> 0.602 at step 715 of a tire run) and the maps
-collapse with it. With beta1 = 0.5 Adam's first moment follows the latest gradient closely while the second moment
-averages ~1000 steps, so one gradient several times its usual norm moves the weights several times further than a
-usual step. Two guards, both relative to the run's own recent history so they need no per-dataset tuning:
+collapse with it. Clipping the gradient's total norm at twice its running level did not stop such a spike (§10): the
+norm was not unusual when it came. What Adam makes of a gradient is: its second moment averages ~1000 steps, so a
+tensor whose gradients grow faster than that average follows moves up to ``(1 - beta1) / sqrt(1 - beta2)`` (16x)
+further than usual. Two guards, both relative to the run's own history so they need no per-dataset tuning:
 
-* the student gradient's norm is clipped at ``clip_factor`` times its running level before the optimiser step;
+* update clipping (Adafactor; StableAdamW, Wortsman et al. 2023): per tensor, the step's learning rate is divided by
+  ``max(1, RMS(g^2 / v_hat))``, ``v_hat`` being Adam's bias-corrected second moment including this gradient, so no
+  tensor moves much further than a usual step when its second moment is out of date;
 * a step whose loss exceeds ``ema_gate`` times the running loss level is left out of the weight average.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 
@@ -57,31 +59,53 @@ class RunningLevel:
         self.total, self.weight, self.count = float(state["total"]), float(state["weight"]), int(state["count"])
 
 
+@torch.no_grad()
+def clip_updates(optimizer: torch.optim.Adam) -> tuple[float, int]:
+    """Scale the learning rate of each parameter group of ``optimizer`` (one tensor per group, as
+    ``engine.build_optimizers`` makes them with ``train.update_clip``) by ``1 / max(1, RMS(g^2 / v_hat))`` for the
+    coming ``step()``; call it after the group rates are set for this step. Returns the largest ratio and the number
+    of tensors whose rate was lowered. Under DDP the gradients are already all-reduced, so every rank agrees."""
+    largest, clipped = 0.0, 0
+    for group in optimizer.param_groups:
+        beta2, eps = group["betas"][1], group["eps"]
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if p.grad is None or not state:  # no history yet: Adam's first step has g^2 / v_hat = 1
+                continue
+            t = float(state["step"]) + 1
+            g2 = p.grad.float().square()
+            v_hat = (state["exp_avg_sq"] * beta2 + g2 * (1 - beta2)) / (1 - beta2**t)
+            rms = float((g2 / v_hat.clamp(min=eps * eps)).mean().sqrt())
+            largest = max(largest, rms)
+            if rms > 1:
+                group["lr"] /= rms
+                clipped += 1
+    return largest, clipped
+
+
 class SpikeGuard:
-    """The two guards of one run; its state travels in the checkpoint so a resumed run continues exactly.
+    """The loss gate of the weight average and the update clipping's counters; its state travels in the checkpoint
+    so a resumed run continues exactly.
 
     Args:
-        clip_factor: clip the gradient norm at this multiple of its running level (0: no clipping).
+        update_clip: clip each tensor's update (``clip_updates``) before every optimiser step.
         ema_gate: leave a step out of the weight average when its loss exceeds this multiple of the running loss
             level (0: every step goes in).
     """
 
-    def __init__(self, clip_factor: float, ema_gate: float) -> None:
-        self.grad = RunningLevel(clip_factor)
+    def __init__(self, update_clip: bool, ema_gate: float) -> None:
+        self.update_clip = update_clip
         self.loss = RunningLevel(ema_gate)
-        self.clipped = self.gated = 0  # counts since the last ``take_counts``
+        self.clipped = self.gated = self.steps = 0  # since the last ``take_counts``
+        self.largest = 0.0
 
-    def clip(self, parameters: Iterable[torch.Tensor]) -> float:
-        """Clip the gradients of ``parameters`` in place if their total norm is an outlier; returns the norm before
-        clipping. Under DDP the gradients are already all-reduced, so every rank clips the same way."""
-        params = [p for p in parameters if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        value = float(norm)
-        limit = self.grad.limit
-        if self.grad.observe(value):
-            torch.nn.utils.clip_grads_with_norm_(params, limit, norm)
-            self.clipped += 1
-        return value
+    def clip(self, optimizer: torch.optim.Adam) -> None:
+        """Clip this step's updates if ``update_clip`` is on (see ``clip_updates``)."""
+        if self.update_clip:
+            largest, clipped = clip_updates(optimizer)
+            self.largest = max(self.largest, largest)
+            self.clipped += clipped
+        self.steps += 1
 
     def admit(self, loss: float) -> bool:
         """Whether the weights after a step with this loss may go into the weight average."""
@@ -89,15 +113,18 @@ class SpikeGuard:
         self.gated += outlier
         return not outlier
 
-    def take_counts(self) -> dict[str, int]:
-        """Clipped and gated steps since the last call (for the epoch log)."""
-        counts = {"clipped_steps": self.clipped, "gated_steps": self.gated}
-        self.clipped = self.gated = 0
+    def take_counts(self) -> dict[str, float]:
+        """For the epoch log, since the last call: the largest update ratio, the clipped tensors per step and the
+        steps kept out of the average."""
+        counts = {"update_rms_max": round(self.largest, 3),
+                  "clipped_tensors_per_step": round(self.clipped / max(self.steps, 1), 2),
+                  "gated_steps": self.gated}  # fmt: skip
+        self.clipped = self.gated = self.steps = 0
+        self.largest = 0.0
         return counts
 
     def state_dict(self) -> dict[str, dict[str, float]]:
-        return {"grad": self.grad.state_dict(), "loss": self.loss.state_dict()}
+        return {"loss": self.loss.state_dict()}
 
     def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
-        self.grad.load_state_dict(state["grad"])
         self.loss.load_state_dict(state["loss"])
