@@ -55,6 +55,18 @@ def test_kill_after_epoch_one_and_resume_reaches_the_same_weights(tiny_tree, tmp
         assert torch.equal(v, b["model"][k]), k
 
 
+def test_resume_across_the_update_clip_setting_keeps_every_tensors_optimiser_state(tiny_tree, tmp_path):
+    fit(tiny_config(tiny_tree, update_clip=False), tmp_path / "r", progress=False)  # two Adam groups
+    saved = load_checkpoint(tmp_path / "r/last.pt")["optimizer_student"]
+    assert len(saved["param_groups"]) == 2
+    resumed = load_checkpoint(fit(tiny_config(tiny_tree, epochs=2), tmp_path / "r", resume=True, progress=False))
+    groups = resumed["optimizer_student"]["param_groups"]  # one group per tensor, same tensors in the same order
+    assert len(groups) == len(saved["state"]) and [g["params"] for g in groups] == [[i] for i in saved["state"]]
+    first = int(saved["state"][0]["step"])
+    assert 0 < first < resumed["step"]  # every tensor's Adam count continued from epoch 1, not restarted
+    assert {int(state["step"]) for state in resumed["optimizer_student"]["state"].values()} == {resumed["step"]}
+
+
 def test_resume_refuses_another_model_configuration(tiny_tree, tmp_path):
     fit(tiny_config(tiny_tree), tmp_path / "r", progress=False)
     cfg = tiny_config(tiny_tree, epochs=2).replace(model={"msn": True})
