@@ -319,3 +319,27 @@ def test_steps_the_loss_gate_rejects_stay_out_of_the_weight_average(tiny_tree, t
         assert torch.equal(payload["model"][k], v), k
     assert any(not torch.equal(payload["training_student"][k], v) for k, v in initial.items())
     assert {"update_rms_max", "clipped_tensors_per_step", "gated_steps"} <= payload["history"][-1].keys()
+
+
+def test_a_roll_back_puts_the_average_into_the_training_weights_and_restarts_adam(tiny_tree, tmp_path):
+    from dmdd.averaging import student_state
+    from dmdd.stability import SpikeGuard
+
+    cfg = tiny_config(tiny_tree, epochs=2, ema_decay=0.5, spike_rollback=1)
+    torch.manual_seed(cfg.train.seed)
+    initial = student_state(DMDD(cfg.model))
+
+    def gate_every_step(self, loss):
+        self.in_a_row += 1
+        return False
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SpikeGuard, "admit", gate_every_step)
+        payload = load_checkpoint(fit(cfg, tmp_path / "b", progress=False))
+    # Every step was gated and rolled back: the average never moved and the training weights went back to it.
+    for k, v in initial.items():
+        assert torch.equal(payload["model"][k], v), k
+        assert torch.equal(payload["training_student"][k], v), k
+    assert payload["optimizer_student"]["state"] == {}
+    history = [row for row in payload["history"] if "rollbacks" in row]
+    assert sum(row["rollbacks"] for row in history) == payload["step"] > 0

@@ -90,3 +90,19 @@ def test_spike_guard_keeps_high_loss_steps_out_of_the_average_and_counts_clippin
         assert opt.param_groups[0]["lr"] == 0.1
         opt.step()
     assert guard.take_counts()["clipped_tensors_per_step"] == 0
+
+
+def test_spike_guard_asks_for_a_roll_back_only_after_enough_gated_steps_in_a_row():
+    guard = SpikeGuard(update_clip=False, ema_gate=2.0, rollback_after=3)
+    for _ in range(guard.loss.warmup):
+        guard.admit(0.1)
+    decisions = []
+    for loss in (0.5, 0.5, 0.1, 0.5, 0.5, 0.5, 0.5):  # a calm step in between starts the count again
+        guard.admit(loss)
+        decisions.append(guard.roll_back_due())
+    assert decisions == [False, False, False, False, False, True, False]
+    restored = SpikeGuard(update_clip=False, ema_gate=2.0, rollback_after=3)
+    restored.load_state_dict(guard.state_dict())
+    assert restored.in_a_row == guard.in_a_row == 1
+    assert guard.take_counts()["rollbacks"] == 1
+    assert not SpikeGuard(update_clip=False, ema_gate=2.0).roll_back_due()  # rollback_after 0: never

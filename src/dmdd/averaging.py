@@ -56,6 +56,13 @@ class WeightAverage:
         for k, v in self.live.items():
             self.average[k].copy_(v)
 
+    @torch.no_grad()
+    def roll_back(self) -> None:
+        """Set the model's training weights to the average (the inverse of ``reset``): after a loss spike the run
+        continues from the state the average kept."""
+        for k, v in self.live.items():
+            v.copy_(self.average[k])
+
     @contextlib.contextmanager
     def applied(self) -> Iterator[dict[str, torch.Tensor]]:
         """Within the block the model holds the averaged weights; yields a copy of its training weights, which are

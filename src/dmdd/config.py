@@ -201,6 +201,8 @@ class TrainConfig:
         ema_gate: with ``ema_decay``, leave a step out of the weight average when its loss exceeds this multiple of
             the running loss level; 0 = off (paper: none). Chosen 2: it leaves the raw training untouched and kept
             the average clear of a loss spike (benchmarks/results.md §10, docs/deviations.md).
+        spike_rollback: with ``ema_gate``, after this many gated steps in a row copy the average into the training
+            weights and clear Adam's moments, so training continues from before the spike; 0 = off (paper: none).
         snapshot_every: also keep a copy of the model every this many student steps (at the end of the epoch that
             crosses the mark) in ``snapshots/`` for learning curves; 0 keeps none.
         batch_size: normal/anomalous pairs per step.
@@ -238,6 +240,7 @@ class TrainConfig:
     ema_decay: float = 0.99
     update_clip: bool = False
     ema_gate: float = 2.0
+    spike_rollback: int = 0
     snapshot_every: int = 0
     batch_size: int = 16
     lr: float = 0.005
@@ -282,6 +285,8 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if self.ema_gate and self.ema_gate <= 1:
             raise ConfigError(f"train.ema_gate must be 0 (off) or > 1, got {self.ema_gate!r}")
+        if self.spike_rollback < 0:
+            raise ConfigError(f"train.spike_rollback must be 0 (off) or a number of steps, got {self.spike_rollback!r}")
         if not 0 <= self.holdout_fraction < 1:
             raise ConfigError("train.holdout_fraction must be in [0, 1)")
 

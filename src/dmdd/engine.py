@@ -181,6 +181,9 @@ def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ct
         optimizer.step()
         if average is not None and (guard is None or guard.admit(float(loss.detach()))):
             average.update(state.step)
+        elif guard is not None and guard.roll_back_due():  # a spike, not a stray batch: restart from before it
+            average.roll_back()
+            optimizer.state.clear()  # Adam's moments are out of date after a spike; they restart with the weights
         steps += 1
         state.step += 1
         sums["ngm"] += float(ngm.detach())
@@ -303,7 +306,8 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     state = TrainState()
     average = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
     t = cfg.train
-    guard = SpikeGuard(t.update_clip, t.ema_gate if average else 0.0) if t.update_clip or t.ema_gate else None
+    gate = t.ema_gate if average else 0.0
+    guard = SpikeGuard(t.update_clip, gate, t.spike_rollback if gate else 0) if t.update_clip or gate else None
     if resume and ckpt_path.is_file():
         state = _restore(ckpt_path, cfg, model, student_opt, seg_opt, average, guard)
     student_obj = wrap(StudentObjective(model, cfg), ctx, device)

@@ -16,6 +16,7 @@ further than usual. Two guards, both relative to the run's own history so they n
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -91,12 +92,16 @@ class SpikeGuard:
         update_clip: clip each tensor's update (``clip_updates``) before every optimiser step.
         ema_gate: leave a step out of the weight average when its loss exceeds this multiple of the running loss
             level (0: every step goes in).
+        rollback_after: after this many gated steps in a row, ``admit`` asks for a roll-back of the training to
+            the average (0: never).
     """
 
-    def __init__(self, update_clip: bool, ema_gate: float) -> None:
+    def __init__(self, update_clip: bool, ema_gate: float, rollback_after: int = 0) -> None:
         self.update_clip = update_clip
         self.loss = RunningLevel(ema_gate)
-        self.clipped = self.gated = self.steps = 0  # since the last ``take_counts``
+        self.rollback_after = rollback_after
+        self.in_a_row = 0
+        self.clipped = self.gated = self.steps = self.rollbacks = 0  # since the last ``take_counts``
         self.largest = 0.0
 
     def clip(self, optimizer: torch.optim.Adam) -> None:
@@ -111,20 +116,30 @@ class SpikeGuard:
         """Whether the weights after a step with this loss may go into the weight average."""
         outlier = self.loss.observe(loss)
         self.gated += outlier
+        self.in_a_row = self.in_a_row + 1 if outlier else 0
         return not outlier
+
+    def roll_back_due(self) -> bool:
+        """True once ``rollback_after`` steps in a row were gated; counts the roll-back and starts a new count."""
+        if not self.rollback_after or self.in_a_row < self.rollback_after:
+            return False
+        self.in_a_row = 0
+        self.rollbacks += 1
+        return True
 
     def take_counts(self) -> dict[str, float]:
         """For the epoch log, since the last call: the largest update ratio, the clipped tensors per step and the
         steps kept out of the average."""
         counts = {"update_rms_max": round(self.largest, 3),
                   "clipped_tensors_per_step": round(self.clipped / max(self.steps, 1), 2),
-                  "gated_steps": self.gated}  # fmt: skip
-        self.clipped = self.gated = self.steps = 0
+                  "gated_steps": self.gated, "rollbacks": self.rollbacks}  # fmt: skip
+        self.clipped = self.gated = self.steps = self.rollbacks = 0
         self.largest = 0.0
         return counts
 
-    def state_dict(self) -> dict[str, dict[str, float]]:
-        return {"loss": self.loss.state_dict()}
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss.state_dict(), "in_a_row": self.in_a_row}
 
-    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss.load_state_dict(state["loss"])
+        self.in_a_row = int(state.get("in_a_row", 0))
