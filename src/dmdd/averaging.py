@@ -69,9 +69,7 @@ class WeightAverage:
         put back on exit."""
         live = self.live
         training = {k: v.detach().clone() for k, v in live.items()}
-        with torch.no_grad():
-            for k, v in live.items():
-                v.copy_(self.average[k])
+        self.roll_back()
         try:
             yield training
         finally:

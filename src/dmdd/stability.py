@@ -92,8 +92,8 @@ class SpikeGuard:
         update_clip: clip each tensor's update (``clip_updates``) before every optimiser step.
         ema_gate: leave a step out of the weight average when its loss exceeds this multiple of the running loss
             level (0: every step goes in).
-        rollback_after: after this many gated steps in a row, ``admit`` asks for a roll-back of the training to
-            the average (0: never).
+        rollback_after: after this many gated steps in a row, ``roll_back_due`` asks for a roll-back of the
+            training to the average (0: never).
     """
 
     def __init__(self, update_clip: bool, ema_gate: float, rollback_after: int = 0) -> None:
@@ -128,8 +128,8 @@ class SpikeGuard:
         return True
 
     def take_counts(self) -> dict[str, float]:
-        """For the epoch log, since the last call: the largest update ratio, the clipped tensors per step and the
-        steps kept out of the average."""
+        """For the epoch log, since the last call: the largest update ratio, the clipped tensors per step, the
+        steps kept out of the average and the roll-backs."""
         counts = {"update_rms_max": round(self.largest, 3),
                   "clipped_tensors_per_step": round(self.clipped / max(self.steps, 1), 2),
                   "gated_steps": self.gated, "rollbacks": self.rollbacks}  # fmt: skip
