@@ -45,6 +45,16 @@ def test_fit_and_evaluate_end_to_end_is_reproducible(tiny_tree, tmp_path):
         assert torch.equal(v, payload_b["model"][k]), k
 
 
+def test_loader_workers_train_on_the_same_pairs_as_the_main_process(tiny_tree, tmp_path):
+    # One loader runs across the epochs; its workers draw each pair from the (epoch, stream, index) key it carries.
+    main = load_checkpoint(fit(tiny_config(tiny_tree, epochs=3, batch_size=2), tmp_path / "main", progress=False))
+    cfg = tiny_config(tiny_tree, epochs=3, batch_size=2, num_workers=2)
+    workers = load_checkpoint(fit(cfg, tmp_path / "workers", progress=False))
+    assert workers["step"] == main["step"] == 9  # 3 epochs of 3 batches (6 training images, 2 held out)
+    for k, v in main["model"].items():
+        assert torch.equal(v, workers["model"][k]), k
+
+
 def test_kill_after_epoch_one_and_resume_reaches_the_same_weights(tiny_tree, tmp_path):
     straight = fit(tiny_config(tiny_tree, epochs=2), tmp_path / "straight", progress=False)
     fit(tiny_config(tiny_tree, epochs=1), tmp_path / "resumed", progress=False)  # "killed" after epoch 1

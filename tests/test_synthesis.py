@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from conftest import SHARED_DATA, real_category
 
 from dmdd.config import SynthesisConfig
@@ -161,3 +162,14 @@ def test_grey_images_get_grey_textures_and_colour_images_keep_colour():
     coloured = AnomalySynthesizer(SynthesisConfig(grey_textures_on_grey=False))
     anomalous, mask = coloured(grey, full, np.random.default_rng(1))
     assert np.abs(anomalous[..., 0] - anomalous[..., 1])[mask.astype(bool)].max() > 0.01
+
+
+def test_pair_dataset_keys_name_the_epoch_and_stream(tiny_tree):
+    cat = load_category(tiny_tree)
+    pairs = PairDataset(cat.train, 64, AnomalySynthesizer(SynthesisConfig()), seed=0)
+    pairs.set_epoch(2, 1)
+    by_epoch = pairs[3]
+    pairs.set_epoch(0)
+    by_key = pairs[(2, 1, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(by_epoch, by_key))
+    assert not torch.equal(pairs[3][1], by_key[1])

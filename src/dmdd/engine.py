@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dmdd.averaging import WeightAverage, student_state
@@ -27,6 +27,7 @@ from dmdd.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from dmdd.config import Config, save_config
 from dmdd.data.datasets import Category, PairDataset, Record, load_category
 from dmdd.data.foreground import ForegroundCache
+from dmdd.data.order import EpochBatches
 from dmdd.data.synthesis import AnomalySynthesizer
 from dmdd.distributed import (
     DistContext,
@@ -116,21 +117,21 @@ def build_optimizers(model: DMDD, cfg: Config) -> tuple[torch.optim.Optimizer, t
     return student, seg
 
 
-def _loader(pairs: PairDataset, cfg: Config, epoch: int, stream: int, ctx: DistContext) -> DataLoader:
-    """Batches of one epoch; order and pairs derive from (seed, epoch, stream) only, so a resumed run matches."""
-    pairs.set_epoch(epoch, stream)
-    seed = cfg.train.seed * 1_000_003 + epoch * 1009 + stream
-    sampler = None
-    if ctx.active:  # each process takes its share of one seeded permutation
-        sampler = DistributedSampler(pairs, ctx.world, ctx.rank, shuffle=True, seed=seed)
+def _batches(pairs: PairDataset, cfg: Config, first_epoch: int, stream: int, ctx: DistContext,
+             epochs: int | None) -> EpochBatches:  # fmt: skip
+    return EpochBatches(len(pairs), cfg.train.batch_size, cfg.train.seed, stream, first_epoch, epochs, ctx.world,
+                        ctx.rank)  # fmt: skip
+
+
+def _loader(pairs: PairDataset, cfg: Config, first_epoch: int, stream: int, ctx: DistContext, device: torch.device,
+            epochs: int | None = 1) -> DataLoader:  # fmt: skip
+    """Batches of ``epochs`` epochs (``None``: without end, so workers build the next epoch's batches while this one
+    trains); order and pairs derive from (seed, epoch, stream) only, so a resumed run matches."""
     return DataLoader(
         pairs,
-        batch_size=cfg.train.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        generator=torch.Generator().manual_seed(seed),
+        batch_sampler=_batches(pairs, cfg, first_epoch, stream, ctx, epochs),
         num_workers=cfg.train.num_workers,
-        drop_last=len(pairs) > cfg.train.batch_size,
+        pin_memory=device.type == "cuda",
     )
 
 
@@ -154,23 +155,26 @@ def _check_finite(loss: torch.Tensor, epoch: int, what: str) -> None:
         )
 
 
-def train_student_epoch(objective, pairs, optimizer, cfg, device, epoch, bar, ctx, state, average=None,
-                        guard=None) -> dict:  # fmt: skip
-    """One pass over the pairs (or what is left of the step budget) training student, 1x1 convs and PMN with
-    L_NGM + L_AIM; advances ``state.step`` and folds every step into ``average`` (a ``WeightAverage``) if given.
-    ``guard`` (a ``SpikeGuard``) clips out-of-date updates and keeps outlying-loss steps out of the average."""
+def train_student_epoch(objective, batches, steps_per_epoch, optimizer, cfg, device, epoch, bar, ctx, state,
+                        average=None, guard=None) -> dict:  # fmt: skip
+    """One epoch (``steps_per_epoch`` batches from the iterator ``batches``, or what is left of the step budget)
+    training student, 1x1 convs and PMN with L_NGM + L_AIM; advances ``state.step`` and folds every step into
+    ``average`` (a ``WeightAverage``) if given. ``guard`` (a ``SpikeGuard``) clips out-of-date updates and keeps
+    outlying-loss steps out of the average."""
     sums = {"ngm": 0.0, "aim": 0.0}
     steps = 0
     base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     fmt = _memory_format(cfg)
-    for normal, anomalous, mask in _loader(pairs, cfg, epoch, 0, ctx):
+    for _ in range(steps_per_epoch):
         if state.total_steps and state.step >= state.total_steps:
             break
+        normal, anomalous, mask = next(batches)
         factor = lr_factor(cfg, state.step, state.total_steps)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
-        normal, anomalous = normal.to(device, memory_format=fmt), anomalous.to(device, memory_format=fmt)
-        mask = mask.to(device)
+        normal = normal.to(device, memory_format=fmt, non_blocking=True)
+        anomalous = anomalous.to(device, memory_format=fmt, non_blocking=True)
+        mask = mask.to(device, non_blocking=True)
         with _autocast(device, cfg.train.amp):
             loss, ngm, aim = objective(normal, anomalous, mask)
         _check_finite(loss, epoch, "student")
@@ -198,12 +202,12 @@ def _segmentation_steps(pairs, cfg, ctx) -> int:
     return cfg.train.seg_steps or math.ceil(cfg.train.seg_fraction * student_steps)
 
 
-def _segmentation_batches(pairs, cfg, epoch, ctx) -> Iterator:
+def _segmentation_batches(pairs, cfg, epoch, ctx, device) -> Iterator:
     """``cfg.train.seg_steps`` batches of fresh pairs (stream 1, 2, ... once a pass is used up)."""
     steps = _segmentation_steps(pairs, cfg, ctx)
     done, stream = 0, 1
     while True:
-        for batch in _loader(pairs, cfg, epoch, stream, ctx):
+        for batch in _loader(pairs, cfg, epoch, stream, ctx, device):
             if done >= steps:
                 return
             yield batch
@@ -216,7 +220,7 @@ def train_segmentation_epoch(model, objective, pairs, optimizer, cfg, device, ep
     model.eval()
     model.segmentation.train()
     total, steps = 0.0, 0
-    for normal, anomalous, mask in _segmentation_batches(pairs, cfg, epoch, ctx):
+    for normal, anomalous, mask in _segmentation_batches(pairs, cfg, epoch, ctx, device):
         images = torch.cat([normal, anomalous]).to(device, memory_format=_memory_format(cfg))
         masks = torch.cat([torch.zeros_like(mask), mask]).to(device)
         with _autocast(device, cfg.train.amp):
@@ -320,19 +324,20 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     pairs = PairDataset(train_records, cfg.model.image_size, synthesizer, cfg.train.seed,
                         ForegroundCache(cfg.synthesis), cfg.model.resize)  # fmt: skip
     seg_steps = _segmentation_steps(pairs, cfg, ctx) if seg_obj is not None else 0
-    student_steps = len(_loader(pairs, cfg, 0, 0, ctx))
+    student_steps = _batches(pairs, cfg, 0, 0, ctx, None).steps_per_epoch
     state.total_steps = planned_steps(cfg, student_steps) or state.total_steps  # minutes: the stored plan
     epochs_left = math.ceil(max(state.total_steps - state.step, 0) / student_steps) if state.total_steps else 1
     bar = tqdm(total=(student_steps + seg_steps) * epochs_left, disable=not (progress and ctx.is_main),
                unit="step", desc=f"train {category.name}", dynamic_ncols=True)  # fmt: skip
     stats_records = holdout or train_records
+    batches = iter(_loader(pairs, cfg, state.epoch, 0, ctx, device, epochs=None))  # one stream for every epoch
     try:
         with _graceful_signals():
             epoch = state.epoch
             while not state.total_steps or state.step < state.total_steps:
                 start, first_step = time.perf_counter(), state.step
-                log = train_student_epoch(student_obj, pairs, student_opt, cfg, device, epoch, bar, ctx, state,
-                                          average, guard)  # fmt: skip
+                log = train_student_epoch(student_obj, batches, student_steps, student_opt, cfg, device, epoch, bar,
+                                          ctx, state, average, guard)  # fmt: skip
                 log["student_seconds"] = round(time.perf_counter() - start, 2)
                 with _weights_for_maps(average, guard) as extra:  # statistics, head and files: the map weights
                     if model.cfg.map_normalization:
@@ -366,6 +371,8 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
             f"training interrupted ({exc or 'SIGINT'}) after {state.epoch} complete epoch(s); "
             f"{ckpt_path if state.epoch else 'no checkpoint yet'} is usable, rerun with --resume to continue"
         ) from None
+    finally:
+        del batches  # the last reference: the loader's workers stop
     bar.close()
     if ctx.is_main:
         with _weights_for_maps(average, guard) as extra:

@@ -282,7 +282,7 @@ class PairDataset(Dataset):
 
     Images are decoded and resized once; foreground masks are computed once per image (cached). The pair of index
     ``i`` in epoch ``e`` draws from ``numpy.random.default_rng([seed, e, stream, i])``, so it is the same whatever
-    the worker count or the order of access.
+    the worker count or the order of access; items are indexed by ``i`` or by the key ``(e, stream, i)``.
     """
 
     def __init__(
@@ -320,8 +320,11 @@ class PairDataset(Dataset):
         anomalous, mask = self.synthesizer(self.images[index], self.masks[index], rng)
         return self.images[index], anomalous, mask
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, self.stream, index])
+    def __getitem__(self, key: int | tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pair of ``key``: an index (in the epoch and stream of :meth:`set_epoch`) or a key ``(epoch, stream,
+        index)`` as :class:`~dmdd.data.order.EpochBatches` gives them."""
+        epoch, stream, index = key if isinstance(key, tuple) else (self.epoch, self.stream, key)
+        rng = np.random.default_rng([self.seed, epoch, stream, index])
         normal, anomalous, mask = self.pair(index, rng)
         return to_tensor(normal), to_tensor(anomalous), torch.from_numpy(mask)[None]
 
