@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import checkpoint_parser, open_checkpoint
+from fusion_study import per_map, smooth
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
@@ -34,7 +35,7 @@ from dmdd import metrics
 from dmdd.data import load_category
 from dmdd.data.datasets import AnomalyDataset
 from dmdd.engine import split_holdout
-from dmdd.models.segmentation import gaussian_blur, top_k_score
+from dmdd.models.segmentation import top_k_score
 
 
 @torch.inference_mode()
@@ -55,18 +56,13 @@ def maps_of(model, records, size: int):
     return [np.concatenate(x) for x in (cos, l2, mag, masks, labels)]
 
 
-def map_stats(hold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std (K,) of each map over the held-out pixels."""
-    return hold.mean(axis=(0, 2, 3)), hold.std(axis=(0, 2, 3)) + 1e-12
-
-
 def z_sum(maps: np.ndarray, hold: np.ndarray, keep: np.ndarray | None = None, positional: bool = False) -> np.ndarray:
     """(N, S, S): the sum over the kept maps of each map standardised on the held-out images, in chunks of images.
 
     ``positional``: per position, by the held-out mean there and a std shrunk towards the map's overall std
     (``sqrt(var_position + var_map)``)."""
     keep = np.ones(maps.shape[1], dtype=bool) if keep is None else keep
-    mean, std = map_stats(hold)
+    mean, std = per_map(hold, "z")
     if positional:
         mean, std = hold.mean(0), np.sqrt(hold.var(0) + std[:, None, None] ** 2)
     else:
@@ -74,25 +70,21 @@ def z_sum(maps: np.ndarray, hold: np.ndarray, keep: np.ndarray | None = None, po
     return np.concatenate([((maps[i : i + 32] - mean) / std)[:, keep].sum(1) for i in range(0, len(maps), 32)])
 
 
-def smoothed(z: np.ndarray, sigma: float) -> np.ndarray:
-    return gaussian_blur(torch.from_numpy(np.ascontiguousarray(z[:, None])), sigma)[:, 0].numpy()
-
-
 def fusions(hold: dict, test: dict, sigma: float) -> tuple[dict[str, np.ndarray], list[bool]]:
     """The fused maps of the module docstring, and which magnitude maps the stability rule kept."""
 
     def tail(h: np.ndarray) -> np.ndarray:  # 99.9th percentile of each standardised held-out map
-        mean, std = map_stats(h)
+        mean, std = per_map(h, "z")
         return (np.quantile(h.transpose(1, 0, 2, 3).reshape(h.shape[1], -1), 0.999, axis=1) - mean) / std
 
     stable = tail(hold["magnitude"]) <= tail(hold["cosine"])
     cos = z_sum(test["cosine"], hold["cosine"])
     return {
-        "cosine": smoothed(cos, sigma),
-        "l2": smoothed(z_sum(test["l2"], hold["l2"]), sigma),
-        "cosine+magnitude": smoothed(cos + z_sum(test["magnitude"], hold["magnitude"]), sigma),
-        "cosine+stable_magnitude": smoothed(cos + z_sum(test["magnitude"], hold["magnitude"], stable), sigma),
-        "cosine_positional": smoothed(z_sum(test["cosine"], hold["cosine"], positional=True), sigma),
+        "cosine": smooth(cos, sigma),
+        "l2": smooth(z_sum(test["l2"], hold["l2"]), sigma),
+        "cosine+magnitude": smooth(cos + z_sum(test["magnitude"], hold["magnitude"]), sigma),
+        "cosine+stable_magnitude": smooth(cos + z_sum(test["magnitude"], hold["magnitude"], stable), sigma),
+        "cosine_positional": smooth(z_sum(test["cosine"], hold["cosine"], positional=True), sigma),
     }, stable.tolist()
 
 
@@ -112,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     # Do good *test* images sit where the held-out good images do? Mean standardised value per map (0: no shift).
     shift = {}
     for name, m in zip(names, test_maps, strict=True):
-        mean, std = map_stats(hold[name])
+        mean, std = per_map(hold[name], "z")
         shift[name] = ((m[labels == 0].mean(axis=(0, 2, 3)) - mean) / std).round(2).tolist()
     print("mean standardised value of the good test images per map:", json.dumps(shift))
     types = np.array([r.defect_type for r in category.test])

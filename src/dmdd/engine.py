@@ -117,19 +117,15 @@ def build_optimizers(model: DMDD, cfg: Config) -> tuple[torch.optim.Optimizer, t
     return student, seg
 
 
-def _batches(pairs: PairDataset, cfg: Config, first_epoch: int, stream: int, ctx: DistContext,
-             epochs: int | None) -> EpochBatches:  # fmt: skip
-    return EpochBatches(len(pairs), cfg.train.batch_size, cfg.train.seed, stream, first_epoch, epochs, ctx.world,
-                        ctx.rank)  # fmt: skip
-
-
 def _loader(pairs: PairDataset, cfg: Config, first_epoch: int, stream: int, ctx: DistContext, device: torch.device,
             epochs: int | None = 1) -> DataLoader:  # fmt: skip
     """Batches of ``epochs`` epochs (``None``: without end, so workers build the next epoch's batches while this one
     trains); order and pairs derive from (seed, epoch, stream) only, so a resumed run matches."""
     return DataLoader(
         pairs,
-        batch_sampler=_batches(pairs, cfg, first_epoch, stream, ctx, epochs),
+        batch_sampler=EpochBatches(
+            len(pairs), cfg.train.batch_size, cfg.train.seed, stream, first_epoch, epochs, ctx.world, ctx.rank
+        ),  # fmt: skip
         num_workers=cfg.train.num_workers,
         pin_memory=device.type == "cuda",
     )
@@ -324,13 +320,14 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     pairs = PairDataset(train_records, cfg.model.image_size, synthesizer, cfg.train.seed,
                         ForegroundCache(cfg.synthesis), cfg.model.resize)  # fmt: skip
     seg_steps = _segmentation_steps(pairs, cfg, ctx) if seg_obj is not None else 0
-    student_steps = _batches(pairs, cfg, 0, 0, ctx, None).steps_per_epoch
+    loader = _loader(pairs, cfg, state.epoch, 0, ctx, device, epochs=None)  # one stream for every epoch
+    student_steps = loader.batch_sampler.steps_per_epoch
     state.total_steps = planned_steps(cfg, student_steps) or state.total_steps  # minutes: the stored plan
     epochs_left = math.ceil(max(state.total_steps - state.step, 0) / student_steps) if state.total_steps else 1
     bar = tqdm(total=(student_steps + seg_steps) * epochs_left, disable=not (progress and ctx.is_main),
                unit="step", desc=f"train {category.name}", dynamic_ncols=True)  # fmt: skip
     stats_records = holdout or train_records
-    batches = iter(_loader(pairs, cfg, state.epoch, 0, ctx, device, epochs=None))  # one stream for every epoch
+    batches = iter(loader)
     try:
         with _graceful_signals():
             epoch = state.epoch

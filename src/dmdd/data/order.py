@@ -20,7 +20,7 @@ PairKey = tuple[int, int, int]  # (epoch, stream, index)
 
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
-    """The seed of one epoch's order; ``stream`` > 0 orders fresh pairs (segmentation, calibration)."""
+    """The seed of one epoch's order; ``stream`` > 0 orders fresh pairs (the segmentation phase)."""
     return seed * 1_000_003 + epoch * 1009 + stream
 
 
