@@ -46,21 +46,24 @@ from dmdd.models.segmentation import gaussian_blur
 
 
 @torch.inference_mode()
-def raw_and_default(model, records, image_size: int, eval_size: int, with_masks: bool):
-    """(default maps (N, E, E), default scores (N,), raw maps (N, K, E, E), masks (N, E, E), labels (N,))."""
+def raw_and_default(model, records, image_size: int, eval_size: int, with_masks: bool, device=None):
+    """(default maps (N, E, E), default scores (N,), raw maps (N, K, E, E), masks (N, E, E), labels (N,)); the
+    model runs on ``device`` (default CPU)."""
+    device = torch.device(device or "cpu")
+    model.to(device)
     data = AnomalyDataset(records, image_size, mask_size=eval_size)
     maps, scores, raws, masks, labels = [], [], [], [], []
     for batch in DataLoader(data, batch_size=8):
-        images = batch["image"]
+        images = batch["image"].to(device)
         ngm, aim = model.stage_maps(model.features(images))
         out = model.fuse(model.stack(ngm, aim, images.shape[-2:]))
         raw = torch.cat([F.interpolate(m, size=images.shape[-2:], mode="bilinear") for m in ngm + aim], 1)
         if eval_size != images.shape[-1]:
             raw = F.interpolate(raw, size=(eval_size, eval_size), mode="bilinear")
             out = out._replace(anomaly_map=F.interpolate(out.anomaly_map, size=(eval_size, eval_size), mode="bilinear"))
-        maps.append(out.anomaly_map[:, 0].numpy())
-        scores.append(out.pred_score.numpy())
-        raws.append(raw.numpy())
+        maps.append(out.anomaly_map[:, 0].cpu().numpy())
+        scores.append(out.pred_score.cpu().numpy())
+        raws.append(raw.cpu().numpy())
         if with_masks:
             masks.append(batch["mask"][:, 0].numpy().astype(bool))
             labels.append(np.asarray(batch["label"]))
@@ -116,7 +119,9 @@ def score(labels, masks, maps, image_scores=None) -> dict:
             "au_pro": metrics.au_pro(masks, maps)}  # fmt: skip
 
 
-def evaluate_snapshot(path: Path, category, per_map: bool, weights: str = "map", quick: bool = False) -> dict:
+def evaluate_snapshot(
+    path: Path, category, per_map: bool, weights: str = "map", quick: bool = False, device: str = "cpu"
+) -> dict:
     model, payload = restore_model(path)
     cfg = config_of(payload, path)
     _, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
@@ -125,12 +130,12 @@ def evaluate_snapshot(path: Path, category, per_map: bool, weights: str = "map",
             raise SystemExit(f"{path} holds no training weights (the run had no train.ema_decay)")
         model.load_state_dict(payload["training_student"], strict=False)
         if model.cfg.map_normalization:
-            fit_map_statistics(model, holdout, cfg, torch.device("cpu"))
-    _, _, hold_raw, _, _ = raw_and_default(model, holdout, cfg.model.image_size, cfg.train.eval_size, False)
+            fit_map_statistics(model, holdout, cfg, torch.device(device))
+    _, _, hold_raw, _, _ = raw_and_default(model, holdout, cfg.model.image_size, cfg.train.eval_size, False, device)
     mean, std = hold_raw.mean(axis=(0, 2, 3)), hold_raw.std(axis=(0, 2, 3)) + 1e-12
     local = local_statistics(hold_raw, 16, hold_raw.shape[-1])
     maps, scores, raw, masks, labels = raw_and_default(
-        model, category.test, cfg.model.image_size, cfg.train.eval_size, True
+        model, category.test, cfg.model.image_size, cfg.train.eval_size, True, device
     )
     result = {"default": score(labels, masks, maps, scores)}
     for name, m in variants(raw, mean, std, cfg.model.map_sigma, per_map, local).items():
@@ -199,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the snapshot's map weights (the average with train.ema_decay) or its raw training weights",
     )
     p.add_argument("--quick", action="store_true", help="score only the default map and sum_norm")
+    p.add_argument("--device", default="cpu", help="where the model runs (metrics stay on the CPU)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -211,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         if step in done or (args.only and step not in args.only):
             continue
         start = time.perf_counter()
-        row = evaluate_snapshot(path, category, args.per_map, args.weights, args.quick)
+        row = evaluate_snapshot(path, category, args.per_map, args.weights, args.quick, args.device)
         row["eval_seconds"] = round(time.perf_counter() - start, 1)
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")

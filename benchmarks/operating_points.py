@@ -1,7 +1,9 @@
 """Decisions of a trained checkpoint on a test split at each stored operating point (normal-only, synthetic).
 
 Prints, per threshold mode, the false-alarm rate on the good test images, the detection rate on the defective ones
-(overall and per defect type), and the best detection rate the scores allow at the same false-alarm rate.
+(overall and per defect type), and the best detection rate the scores allow at the same false-alarm rate. With
+``--targets``, also the normal-only threshold for each of these false-alarm targets on the held-out good training
+images (what ``train.target_fpr`` would have stored).
 
 Example:
     python benchmarks/operating_points.py runs/tire/last.pt --category tire
@@ -15,18 +17,27 @@ import torch
 from common import checkpoint_parser, open_checkpoint
 
 from dmdd.data import load_category
-from dmdd.evaluation import operating_point, predict_split
+from dmdd.engine import split_holdout
+from dmdd.evaluation import normal_threshold, operating_point, predict_split
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = checkpoint_parser(__doc__).parse_args(argv)
+    p = checkpoint_parser(__doc__)
+    p.add_argument("--targets", nargs="*", type=float, default=[], help="false-alarm targets, e.g. 0.01 0.05")
+    args = p.parse_args(argv)
     model, payload, cfg = open_checkpoint(args)
     thresholds = payload.get("thresholds") or {}
-    predictions = predict_split(model, load_category(args.data, args.category).test, cfg, torch.device("cpu"))
+    category = load_category(args.data, args.category)
+    predictions = predict_split(model, category.test, cfg, torch.device("cpu"))
     out = {}
     for mode in ("normal", "synthetic"):
         if mode in thresholds:
             out[mode] = operating_point(predictions, thresholds[mode]["image"])
+    if args.targets:
+        train, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
+        held = predict_split(model, holdout or train, cfg, torch.device("cpu")).scores
+        for target in args.targets:
+            out[f"normal_target_{target:g}"] = operating_point(predictions, normal_threshold(held, target))
     print(json.dumps({"checkpoint": args.checkpoint, "default_mode": thresholds.get("mode"), **out}, indent=1))
     return 0
 

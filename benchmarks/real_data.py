@@ -20,7 +20,7 @@ from common import add_data_args, parse_overrides, parser
 from dmdd.checkpoint import restore_model
 from dmdd.config import Config
 from dmdd.data import load_category
-from dmdd.engine import fit, split_holdout
+from dmdd.engine import fit, select_device, split_holdout
 from dmdd.evaluation import evaluate, fit_map_statistics
 from dmdd.models import DMDD
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     ckpt = fit(cfg, args.out, resume=True, progress=sys.stderr.isatty())
     train_s = time.perf_counter() - start
-    model, payload = restore_model(ckpt)
+    model, payload = restore_model(ckpt, select_device(cfg.train.device))
     start = time.perf_counter()
     test = load_category(args.data, args.category).test
     result, _ = evaluate(model, cfg, test, args.out, title=args.category, thresholds=payload.get("thresholds"))

@@ -1,4 +1,5 @@
-"""Give a trained student another fusion: new map statistics, a new segmentation head, new thresholds.
+"""Give a trained student another fusion: new map statistics, a new segmentation head, a new global image score
+(``model.global_score``), new thresholds.
 
 The student, the PMN and the teacher of ``CHECKPOINT`` are kept as they are (student training never depends on
 the fusion). With the changed model options (``--set model.map_stages=[2,3]``, ``--set model.msn_residual=false``,
@@ -33,7 +34,7 @@ from dmdd.data.foreground import ForegroundCache  # noqa: E402
 from dmdd.data.synthesis import AnomalySynthesizer  # noqa: E402
 from dmdd.distributed import DistContext, SegmentationObjective  # noqa: E402
 from dmdd.engine import split_holdout, train_segmentation_epoch  # noqa: E402
-from dmdd.evaluation import calibrate, fit_map_statistics  # noqa: E402
+from dmdd.evaluation import calibrate, fit_global_score, fit_map_statistics  # noqa: E402
 from dmdd.models import DMDD  # noqa: E402
 
 
@@ -43,15 +44,17 @@ def refit(checkpoint: Path, overrides: dict, out: Path, threads: int) -> dict:
     base = config_of(payload, checkpoint)
     cfg = base.replace(**overrides)
     model = DMDD(dataclasses.replace(cfg.model, pretrained=False, weights=None))
-    kept = {k: v for k, v in payload["model"].items() if not k.startswith(("segmentation.", "map_"))}
+    fitted_here = ("segmentation.", "map_", "global_score.")
+    kept = {k: v for k, v in payload["model"].items() if not k.startswith(fitted_here)}
     missing, unexpected = model.load_state_dict(kept, strict=False)
-    assert not unexpected and all(k.startswith(("segmentation.", "map_")) for k in missing), (missing, unexpected)
+    assert not unexpected and all(k.startswith(fitted_here) for k in missing), (missing, unexpected)
     device = torch.device("cpu")
     category = load_category(cfg.data.root, cfg.data.category, cfg.data.layout)
     train, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
     pairs = PairDataset(train, cfg.model.image_size, AnomalySynthesizer(cfg.synthesis), cfg.train.seed,
                         ForegroundCache(cfg.synthesis), cfg.model.resize)  # fmt: skip
     start = time.perf_counter()
+    fit_global_score(model, train, cfg, device)
     fit_map_statistics(model, holdout or train, cfg, device)
     epochs = int(payload["epoch"])
     if model.segmentation is not None:

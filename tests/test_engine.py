@@ -140,7 +140,7 @@ def test_student_training_does_not_depend_on_the_msn(tiny_tree, tmp_path):
     without = load_checkpoint(fit(cfg, tmp_path / "plain", progress=False))
     assert set(without["model"]) < set(with_msn["model"])
     for k, v in without["model"].items():
-        if k.startswith("map_"):  # statistics of the fused maps: the fusion differs by design
+        if k.startswith("map_") or k == "global_score.score_stats":  # statistics of the fusion: differs by design
             continue
         assert torch.equal(v, with_msn["model"][k]), k
 
@@ -237,17 +237,20 @@ def test_map_statistics_make_the_residual_base_the_standardised_sum_of_standardi
     assert torch.allclose(base, expected, atol=1e-3)
 
 
-def test_checkpoint_from_before_image_score_and_ema_keeps_its_max_score_and_last_weights(tiny_tree, tmp_path):
+def test_checkpoint_from_before_image_score_ema_and_global_score_keeps_its_score_and_last_weights(tiny_tree, tmp_path):
     from dmdd.checkpoint import config_of
 
     ckpt = fit(tiny_config(tiny_tree), tmp_path / "o", progress=False)
     payload = load_checkpoint(ckpt)
     assert restore_model(ckpt)[0].cfg.image_score == "top_k" and config_of(payload).train.ema_decay == 0.99
     del payload["config"]["model"]["image_score"]  # as written before the options existed
+    del payload["config"]["model"]["global_score"]
+    payload["model"] = {k: v for k, v in payload["model"].items() if not k.startswith("global_score.")}
     for key in ("ema_decay", "update_clip", "ema_gate"):
         del payload["config"]["train"][key]
     save_checkpoint(tmp_path / "old.pt", {k: v for k, v in payload.items() if not k.startswith("format")})
-    assert restore_model(tmp_path / "old.pt")[0].cfg.image_score == "max"
+    old = restore_model(tmp_path / "old.pt")[0]
+    assert old.cfg.image_score == "max" and old.cfg.global_score == "off" and old.global_score is None
     train = config_of(load_checkpoint(tmp_path / "old.pt")).train
     assert (train.ema_decay, train.update_clip, train.ema_gate) == (0.0, False, 0.0)
 

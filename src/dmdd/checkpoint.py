@@ -75,6 +75,8 @@ def config_of(payload: dict[str, Any], path: str | Path = "checkpoint") -> Confi
     if isinstance(model, dict) and "image_score" not in model and not model.get("msn", False):
         # Written before model.image_score existed: the plain sum was scored by its maximum (thresholds too).
         raw = {**raw, "model": {**model, "image_score": "max"}}
+    if isinstance(model, dict) and "global_score" not in model:  # written before the global score existed
+        raw = {**raw, "model": {**raw["model"], "global_score": "off"}}
     train = raw.get("train") if isinstance(raw, dict) else None
     if isinstance(train, dict):  # written before these options existed: the last weights, no guards
         raw = {**raw, "train": {"ema_decay": 0.0, "update_clip": False, "ema_gate": 0.0, **train}}

@@ -70,6 +70,11 @@ class ModelConfig:
         image_score: how the plain-sum map (``msn`` off) becomes the image score: ``top_k`` (the mean of its
             ``top_k`` largest values, as the paper scores the MSN output; chosen, docs/deviations.md) or ``max``
             (checkpoints written before this option). The MSN output is always scored by its top-k mean.
+        global_score: an image-level score from a Gaussian of each teacher stage's pooled features, fitted on the
+            training images: ``mean_std`` (per-channel mean and standard deviation over positions; default),
+            ``mean``, or ``off`` (the map's score alone, as in the paper). When on, the image score is the larger of
+            the map's score and this one, each standardised on held-out good images (deviation,
+            docs/deviations.md; see :mod:`dmdd.models.global_score`). The anomaly map does not change.
         student_bn_frozen: keep the student's BatchNorm statistics at their pretrained values
             (affine parameters still train). *(chosen)*: keeps student = teacher at initialisation,
             is robust to small batches and needs no SyncBatchNorm under DDP.
@@ -98,6 +103,7 @@ class ModelConfig:
     seg_channels: int = 16
     top_k: int = 100
     image_score: str = "top_k"
+    global_score: str = "mean_std"
     student_bn_frozen: bool = True
     map_normalization: bool = True
     msn_residual: bool = True
@@ -124,6 +130,8 @@ class ModelConfig:
             raise ConfigError(f"model.branches must be both|normality|abnormality, got {self.branches!r}")
         if self.image_score not in ("top_k", "max"):
             raise ConfigError(f"model.image_score must be top_k|max, got {self.image_score!r}")
+        if self.global_score not in ("off", "mean", "mean_std"):
+            raise ConfigError(f"model.global_score must be off|mean|mean_std, got {self.global_score!r}")
         if self.top_k < 1 or self.seg_channels < 1:
             raise ConfigError("model.top_k and model.seg_channels must be >= 1")
 

@@ -38,7 +38,7 @@ from dmdd.distributed import (
     wrap,
 )
 from dmdd.errors import CheckpointError, DmddError, TrainingDivergedError
-from dmdd.evaluation import calibrate, fit_map_statistics
+from dmdd.evaluation import calibrate, fit_global_score, fit_map_statistics
 from dmdd.models.dmdd import DMDD
 from dmdd.stability import SpikeGuard
 
@@ -327,6 +327,8 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     bar = tqdm(total=(student_steps + seg_steps) * epochs_left, disable=not (progress and ctx.is_main),
                unit="step", desc=f"train {category.name}", dynamic_ncols=True)  # fmt: skip
     stats_records = holdout or train_records
+    if model.global_score is not None and not model.global_score.gaussian_fitted:  # the frozen teacher's, once
+        fit_global_score(model, train_records, cfg, device)
     batches = iter(loader)
     try:
         with _graceful_signals():
@@ -337,7 +339,7 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
                                           ctx, state, average, guard)  # fmt: skip
                 log["student_seconds"] = round(time.perf_counter() - start, 2)
                 with _weights_for_maps(average, guard) as extra:  # statistics, head and files: the map weights
-                    if model.cfg.map_normalization:
+                    if model.cfg.map_normalization or model.global_score is not None:
                         fit_map_statistics(model, stats_records, cfg, device)
                     if seg_obj is not None:
                         seg_start = time.perf_counter()

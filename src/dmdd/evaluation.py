@@ -19,6 +19,7 @@ from dmdd.data.foreground import ForegroundCache
 from dmdd.data.io import read_image
 from dmdd.data.synthesis import AnomalySynthesizer
 from dmdd.models.dmdd import DMDD
+from dmdd.models.global_score import pool
 from dmdd.visualize import heatmap_panel
 
 CALIBRATION_STREAM = 10_000  # rng stream of the synthetic anomalies used for calibration
@@ -109,8 +110,36 @@ def fit_map_statistics(model: DMDD, records: list[Record], cfg: Config, device: 
         a = 1.0 / std if model.cfg.map_normalization else torch.ones_like(std)  # the head's input is a * (m - mu)
         plain_std = abs(float(a @ covariance @ a)) ** 0.5
         head.sum_weights.fill_(1.0 / max(plain_std, 1e-6))
+    if model.global_score is not None and model.global_score.gaussian_fitted > 0:
+        map_scores, distances = [], []
+        for batch in DataLoader(data, batch_size=batch_size, num_workers=cfg.train.num_workers):
+            images = batch["image"].to(device)
+            feats = model.features(images)
+            map_scores.append(model.fuse(model.stack(*model.stage_maps(feats), images.shape[-2:])).pred_score.cpu())
+            distances.append(model.global_score.distance(feats.teacher).cpu())
+        model.global_score.fit_score_stats(torch.cat(map_scores), torch.cat(distances))
     model.train(was_training)
     return mean.float(), std.float()
+
+
+@torch.inference_mode()
+def fit_global_score(model: DMDD, records: list[Record], cfg: Config, device: torch.device, batch_size: int = 16):
+    """Fit ``model.global_score``'s Gaussians to the pooled teacher features of ``records`` (the training images;
+    the teacher is frozen, so this needs no training). The score statistics follow in :func:`fit_map_statistics`.
+    Returns the Ledoit-Wolf shrinkage per stage."""
+    if model.global_score is None:
+        return []
+    was_training = model.training
+    model.eval()
+    data = AnomalyDataset(records, cfg.model.image_size, resize=cfg.model.resize)
+    pooled: list[list[torch.Tensor]] = [[] for _ in model.channels]
+    for batch in DataLoader(data, batch_size=batch_size, num_workers=cfg.train.num_workers):
+        feats = model.teacher_features(model.normalize(batch["image"].to(device)))
+        for i, z in enumerate(pool(feats, model.global_score.pooling)):
+            pooled[i].append(z.double().cpu())
+    shrinkages = model.global_score.fit([torch.cat(z) for z in pooled])  # on the CPU, in float64
+    model.train(was_training)
+    return shrinkages
 
 
 def _split_metrics(p: Predictions, index: np.ndarray) -> dict[str, float | None]:

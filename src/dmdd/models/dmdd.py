@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from dmdd.config import ModelConfig
 from dmdd.losses import cosine_distance
 from dmdd.models.backbone import Backbone, build_backbone
+from dmdd.models.global_score import FeatureGaussian
 from dmdd.models.segmentation import SegmentationHead, gaussian_blur, pyramid_upsample, top_k_score
 from dmdd.models.student import DecoupledStudent, PyramidModelingNetwork
 
@@ -81,6 +82,8 @@ class DMDD(nn.Module):
         # Per-map statistics of held-out good images (set by dmdd.evaluation.fit_map_statistics); identity until then.
         self.register_buffer("map_mean", torch.zeros(self.num_maps))
         self.register_buffer("map_std", torch.ones(self.num_maps))
+        # Image-level score from pooled teacher features (fitted by dmdd.evaluation.fit_global_score).
+        self.global_score = FeatureGaussian(backbone.channels, cfg.global_score) if cfg.global_score != "off" else None
         self.train()
 
     def train(self, mode: bool = True) -> DMDD:
@@ -157,15 +160,23 @@ class DMDD(nn.Module):
         """Gaussian smoothing of the final (B, 1, S, S) map (``cfg.map_sigma``, 0 = none)."""
         return gaussian_blur(anomaly_map, self.cfg.map_sigma) if self.cfg.map_sigma > 0 else anomaly_map
 
-    def fuse(self, stacked: torch.Tensor) -> InferenceOutput:
-        """Eval-mode fusion of the (B, K, S, S) stacked maps into the anomaly map and the image score."""
+    def fuse(self, stacked: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> InferenceOutput:
+        """Eval-mode fusion of the (B, K, S, S) stacked maps into the anomaly map and the image score; with the
+        teacher features and ``cfg.global_score`` on, the score also weighs the global one (see :meth:`map_score`)."""
         if self.segmentation is None:
-            maps = self.smooth(stacked.sum(dim=1, keepdim=True))  # (B, 1, S, S), "w/o MSN"
-            if self.cfg.image_score == "max":
-                return InferenceOutput(maps.flatten(1).amax(dim=1), maps)
-            return InferenceOutput(top_k_score(maps, self.cfg.top_k), maps)
-        anomaly_map = self.smooth(torch.sigmoid(self.segmentation(stacked)))
-        return InferenceOutput(top_k_score(anomaly_map, self.cfg.top_k), anomaly_map)
+            anomaly_map = self.smooth(stacked.sum(dim=1, keepdim=True))  # (B, 1, S, S), "w/o MSN"
+        else:
+            anomaly_map = self.smooth(torch.sigmoid(self.segmentation(stacked)))
+        score = self.map_score(anomaly_map)
+        if self.global_score is not None and teacher is not None:
+            score = self.global_score.combine(score, teacher)
+        return InferenceOutput(score, anomaly_map)
+
+    def map_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """The image score the anomaly map alone gives: the top-k mean (the MSN's always), or its maximum."""
+        if self.segmentation is None and self.cfg.image_score == "max":
+            return anomaly_map.flatten(1).amax(dim=1)
+        return top_k_score(anomaly_map, self.cfg.top_k)
 
     def forward(self, images: torch.Tensor) -> InferenceOutput | SegmentationOutput:
         """``InferenceOutput(pred_score (B,), anomaly_map (B, 1, S, S))``, or ``SegmentationOutput`` while the
@@ -179,7 +190,8 @@ class DMDD(nn.Module):
                 stacked = self.stacked_maps(images)
             logits = self.segmentation(stacked)
             return SegmentationOutput(logits, top_k_score(torch.sigmoid(logits), self.cfg.top_k))
-        return self.fuse(self.stacked_maps(images))
+        feats = self.features(images)
+        return self.fuse(self.stack(*self.stage_maps(feats), images.shape[-2:]), feats.teacher)
 
     def distill(self, normal: torch.Tensor, anomalous: torch.Tensor) -> tuple[Features, Features]:
         """Features of a batch of normal images and their synthetic anomalous copies (teacher run once on both).

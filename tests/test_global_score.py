@@ -1,0 +1,117 @@
+"""The image-level score from pooled teacher features (dmdd.models.global_score), against independent references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from dmdd.checkpoint import restore_model
+from dmdd.config import ModelConfig
+from dmdd.data import load_category
+from dmdd.data.datasets import AnomalyDataset
+from dmdd.engine import fit, split_holdout
+from dmdd.errors import ConfigError
+from dmdd.evaluation import fit_global_score, fit_map_statistics
+from dmdd.models import DMDD
+from dmdd.models.global_score import FeatureGaussian, ledoit_wolf, pool
+
+
+def ledoit_wolf_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Ledoit & Wolf (2004), Lemma 3.2-3.4, written out term by term with a loop over the samples."""
+    n, d = x.shape
+    loc = x.mean(axis=0)
+    xc = x - loc
+    s = sum(np.outer(r, r) for r in xc) / n
+    m = np.trace(s) / d
+    identity = np.eye(d)
+    d2 = np.linalg.norm(s - m * identity, "fro") ** 2
+    b2_bar = sum(np.linalg.norm(np.outer(r, r) - s, "fro") ** 2 for r in xc) / n**2
+    b2 = min(b2_bar, d2)
+    return loc, (b2 / d2) * m * identity + (1 - b2 / d2) * s, b2 / d2
+
+
+@pytest.mark.parametrize("n,d", [(40, 6), (8, 20)])  # more samples than dimensions, and fewer
+def test_ledoit_wolf_matches_the_papers_formula(n, d):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + 3.0
+    loc, cov, a = ledoit_wolf(torch.from_numpy(x))
+    ref_loc, ref_cov, ref_a = ledoit_wolf_reference(x)
+    assert 0.0 < a <= 1.0 and a == pytest.approx(ref_a, rel=1e-9)
+    np.testing.assert_allclose(loc.numpy(), ref_loc, rtol=1e-12)
+    np.testing.assert_allclose(cov.numpy(), ref_cov, rtol=1e-9, atol=1e-12)
+    assert np.linalg.eigvalsh(cov.numpy()).min() > 0  # invertible even with fewer samples than dimensions
+
+
+def test_pooling_and_distance_match_numpy():
+    gen = torch.Generator().manual_seed(0)
+    feats = [torch.randn(3, 4, 5, 6, generator=gen), torch.randn(3, 2, 3, 3, generator=gen)]
+    pooled = pool(feats, "mean_std")
+    for f, z in zip(feats, pooled):
+        a = f.numpy().reshape(3, f.shape[1], -1)
+        np.testing.assert_allclose(z.numpy(), np.concatenate([a.mean(-1), a.std(-1)], 1), rtol=1e-5, atol=1e-6)
+    assert [z.shape[1] for z in pool(feats, "mean")] == [4, 2]
+    g = FeatureGaussian((4, 2), "mean_std")
+    train = [torch.randn(30, 4, 5, 6, generator=gen), torch.randn(30, 2, 3, 3, generator=gen)]
+    g.fit([z.double() for z in pool(train, "mean_std")])
+    expected = np.zeros(3)
+    for i, z in enumerate(pooled):
+        loc, cov, _ = ledoit_wolf_reference(pool(train, "mean_std")[i].double().numpy())
+        for b in range(3):
+            diff = z[b].double().numpy() - loc
+            expected[b] += np.sqrt(diff @ np.linalg.inv(cov) @ diff)
+    np.testing.assert_allclose(g.distance(feats).numpy(), expected, rtol=1e-4)
+
+
+def test_score_is_the_map_score_until_fitted_then_the_larger_standardised_score():
+    gen = torch.Generator().manual_seed(1)
+    g = FeatureGaussian((3,), "mean")
+    feats = [torch.randn(4, 3, 2, 2, generator=gen)]
+    map_score = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert torch.equal(g.combine(map_score, feats), map_score)  # nothing fitted
+    g.fit([torch.randn(20, 3, generator=gen, dtype=torch.float64)])
+    assert torch.equal(g.combine(map_score, feats), map_score)  # the Gaussian alone: no statistics yet
+    hold_map, hold_dist = torch.tensor([1.0, 1.5, 2.5]), torch.tensor([0.5, 1.0, 3.0])
+    g.fit_score_stats(hold_map, hold_dist)
+    z_map = (map_score - hold_map.mean()) / hold_map.std()
+    z_dist = (g.distance(feats) - hold_dist.mean()) / hold_dist.std()
+    torch.testing.assert_close(g.combine(map_score, feats), torch.maximum(z_map, z_dist))
+    with pytest.raises(ConfigError, match="global_score"):
+        ModelConfig(global_score="max")
+
+
+def test_a_whole_image_change_raises_the_global_score_more_than_the_map_score(tiny_tree):
+    """The case the global score is for: a defect that changes the whole image a little (here its contrast)."""
+    cfg = tiny_config(tiny_tree)
+    torch.manual_seed(0)
+    model = DMDD(cfg.model).eval()
+    category = load_category(tiny_tree)
+    train, holdout = split_holdout(category.train, 0.25, 0)
+    fit_global_score(model, train, cfg, torch.device("cpu"))
+    fit_map_statistics(model, holdout, cfg, torch.device("cpu"))
+    assert model.global_score.fitted == 1
+    good = torch.stack([AnomalyDataset(holdout, 64)[i]["image"] for i in range(len(holdout))])
+    changed = (0.5 + (good - 0.5) * 0.4).clamp(0, 1)  # lower contrast everywhere
+    with torch.no_grad():
+        feats_good, feats_changed = (
+            model.teacher_features(model.normalize(good)),
+            model.teacher_features(model.normalize(changed)),
+        )
+        assert model.global_score.distance(feats_changed).min() > model.global_score.distance(feats_good).max()
+        assert (model(changed).pred_score > model(good).pred_score.max()).all()
+
+
+def test_training_fits_the_global_score_and_exported_scores_use_it(tiny_tree, tmp_path):
+    ckpt = fit(tiny_config(tiny_tree), tmp_path / "run", progress=False)
+    model, payload = restore_model(ckpt)
+    g = model.global_score
+    assert g is not None and g.gaussian_fitted == 1 and g.fitted == 1
+    assert not torch.equal(g.precision0, torch.eye(g.dims[0]))
+    images = torch.stack([AnomalyDataset(load_category(tiny_tree).test, 64)[i]["image"] for i in range(4)])
+    with torch.no_grad():
+        feats = model.features(images)
+        map_only = model.fuse(model.stack(*model.stage_maps(feats), (64, 64)))
+        m_mean, m_std, g_mean, g_std = g.score_stats
+        expected = torch.maximum((map_only.pred_score - m_mean) / m_std, (g.distance(feats.teacher) - g_mean) / g_std)
+        torch.testing.assert_close(model(images).pred_score, expected)
