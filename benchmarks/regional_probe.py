@@ -5,7 +5,8 @@ pooled over a window around every position instead (per-channel mean and standar
 features over a k x k window), and each window is scored by its Mahalanobis distance to one Gaussian fitted on
 windows of the training images (positions pooled: no alignment assumed; Ledoit-Wolf shrinkage). The map is
 upsampled, smoothed like the model's, standardised by its pixel mean and std on the held-out good images, and
-combined with the model's own map (standardised the same way) by sum or maximum.
+combined with the model's own map (standardised the same way) by sum or maximum. With ``--cells G`` the positions
+are split into a G x G grid of cells with one Gaussian each (for objects, whose background and part windows differ).
 
 Example:
     python benchmarks/regional_probe.py runs/mt/last.pt --category magnetic_tile --out runs/mt/regional.json
@@ -39,11 +40,19 @@ def local_stats(f: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([mean, (square - mean**2).clamp_min(0).sqrt()], 1)
 
 
+def cell_index(h: int, w: int, cells: int) -> torch.Tensor:
+    """(H * W,) grid cell of every position of an H x W stage map."""
+    rows = torch.arange(h)[:, None] * cells // h
+    cols = torch.arange(w)[None, :] * cells // w
+    return (rows * cells + cols).flatten()
+
+
 @torch.inference_mode()
-def passes(model, records, cfg, fits=None, sample=None, gen=None):
-    """Either collect sampled window vectors per stage (``fits`` None) or return (model maps, regional maps)."""
+def passes(model, records, cfg, fits=None, sample=None, gen=None, cells=1):
+    """Either collect sampled window vectors per stage and cell (``fits`` None) or return (model maps, regional
+    maps)."""
     data = AnomalyDataset(records, cfg.model.image_size, mask_size=cfg.train.eval_size, resize=cfg.model.resize)
-    vectors = {i: [] for i in WINDOWS}
+    vectors = {(i, c): [] for i in WINDOWS for c in range(cells * cells)}
     maps, regional, masks, labels, types = [], [], [], [], []
     size = cfg.model.image_size
     for batch in DataLoader(data, batch_size=8):
@@ -52,15 +61,22 @@ def passes(model, records, cfg, fits=None, sample=None, gen=None):
         if fits is None:
             for i, k in WINDOWS.items():
                 v = local_stats(teacher[i], k).flatten(2).transpose(1, 2)  # (B, HW, 2C)
-                pick = torch.randint(0, v.shape[1], (v.shape[0], sample), generator=gen)
-                vectors[i].append(torch.gather(v, 1, pick[..., None].expand(-1, -1, v.shape[2])).flatten(0, 1))
+                where = cell_index(*teacher[i].shape[-2:], cells)
+                for c in range(cells * cells):
+                    vc = v[:, where == c]
+                    pick = torch.randint(0, vc.shape[1], (vc.shape[0], sample), generator=gen)
+                    vectors[i, c].append(torch.gather(vc, 1, pick[..., None].expand(-1, -1, vc.shape[2])).flatten(0, 1))
             continue
         total = 0
         for i, k in WINDOWS.items():
-            v = local_stats(teacher[i], k)
-            loc, prec = fits[i]
-            diff = v.permute(0, 2, 3, 1) - loc
-            d = ((diff @ prec) * diff).sum(-1).clamp_min(0).sqrt()[:, None]
+            v = local_stats(teacher[i], k).flatten(2).transpose(1, 2)  # (B, HW, 2C)
+            where = cell_index(*teacher[i].shape[-2:], cells)
+            d = torch.zeros(v.shape[:2])
+            for c in range(cells * cells):
+                loc, prec = fits[i, c]
+                diff = v[:, where == c] - loc
+                d[:, where == c] = ((diff @ prec) * diff).sum(-1).clamp_min(0).sqrt()
+            d = d.view(v.shape[0], 1, *teacher[i].shape[-2:])
             total = total + F.interpolate(d, size=(size, size), mode="bilinear", align_corners=False)
         regional.append(gaussian_blur(total, cfg.model.map_sigma)[:, 0].numpy())
         maps.append(model(images).anomaly_map[:, 0].numpy())
@@ -68,7 +84,7 @@ def passes(model, records, cfg, fits=None, sample=None, gen=None):
         labels.append(np.asarray(batch["label"]))
         types += list(batch["defect_type"])
     if fits is None:
-        return {i: torch.cat(v) for i, v in vectors.items()}
+        return {key: torch.cat(v) for key, v in vectors.items()}
     cat = np.concatenate
     return cat(maps), cat(regional), cat(masks), cat(labels), types
 
@@ -76,20 +92,22 @@ def passes(model, records, cfg, fits=None, sample=None, gen=None):
 def main(argv: list[str] | None = None) -> int:
     p = checkpoint_parser(__doc__)
     p.add_argument("--out", required=True)
-    p.add_argument("--sample", type=int, default=24, help="window vectors per training image")
+    p.add_argument("--sample", type=int, default=24, help="window vectors per training image and cell")
+    p.add_argument("--cells", type=int, default=1, help="G: a G x G grid of Gaussians (1: one for all positions)")
     args = p.parse_args(argv)
     model, _, cfg = open_checkpoint(args)
     category = load_category(args.data, args.category)
     train, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
     gen = torch.Generator().manual_seed(0)
-    vectors = passes(model, train, cfg, sample=args.sample, gen=gen)
+    vectors = passes(model, train, cfg, sample=args.sample, gen=gen, cells=args.cells)
     fits = {}
-    for i, v in vectors.items():
+    for (i, c), v in vectors.items():
         loc, cov, a = ledoit_wolf(v)
-        fits[i] = (loc.float(), torch.linalg.inv(cov).float())
-        print(f"stage {i + 1}: {v.shape[0]} windows of {v.shape[1]} dims, shrinkage {a:.3f}")
-    hold_map, hold_reg, *_ = passes(model, holdout, cfg, fits)
-    test_map, test_reg, masks, labels, types = passes(model, category.test, cfg, fits)
+        fits[i, c] = (loc.float(), torch.linalg.inv(cov).float())
+        if c == 0:
+            print(f"stage {i + 1}, cell 0: {v.shape[0]} windows of {v.shape[1]} dims, shrinkage {a:.3f}")
+    hold_map, hold_reg, *_ = passes(model, holdout, cfg, fits, cells=args.cells)
+    test_map, test_reg, masks, labels, types = passes(model, category.test, cfg, fits, cells=args.cells)
     z = lambda m, h: (m - h.mean()) / (h.std() + 1e-12)  # noqa: E731
     zm, zr = z(test_map, hold_map), z(test_reg, hold_reg)
     variants = {"model": zm, "regional": zr, "sum": zm + zr, "max": np.maximum(zm, zr)}

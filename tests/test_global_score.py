@@ -115,3 +115,22 @@ def test_training_fits_the_global_score_and_exported_scores_use_it(tiny_tree, tm
         m_mean, m_std, g_mean, g_std = g.score_stats
         expected = torch.maximum((map_only.pred_score - m_mean) / m_std, (g.distance(feats.teacher) - g_mean) / g_std)
         torch.testing.assert_close(model(images).pred_score, expected)
+
+
+def test_statistics_from_preloaded_images_equal_those_from_records(tiny_tree):
+    """The engine decodes the held-out images once; the statistics must not change by it."""
+    from dmdd.evaluation import preload_images
+
+    cfg = tiny_config(tiny_tree)
+    category = load_category(tiny_tree)
+    train, holdout = split_holdout(category.train, 0.25, 0)
+    results = []
+    for source in (holdout, preload_images(holdout, cfg)):
+        torch.manual_seed(0)
+        model = DMDD(cfg.model).eval()
+        fit_global_score(model, train, cfg, torch.device("cpu"))
+        fit_map_statistics(model, source, cfg, torch.device("cpu"))
+        results.append({k: v.clone() for k, v in model.state_dict().items() if k.startswith(("map_", "global_score."))})
+    assert results[0].keys() == results[1].keys() and len(results[0]) > 4
+    for k, v in results[0].items():
+        assert torch.equal(v, results[1][k]), k

@@ -38,9 +38,11 @@ from dmdd.distributed import (
     wrap,
 )
 from dmdd.errors import CheckpointError, DmddError, TrainingDivergedError
-from dmdd.evaluation import calibrate, fit_global_score, fit_map_statistics
+from dmdd.evaluation import calibrate, fit_global_score, fit_map_statistics, preload_images
 from dmdd.models.dmdd import DMDD
 from dmdd.stability import SpikeGuard
+
+PRELOAD_MAX = 1024  # held-out images kept decoded in memory (~0.2 MB each at 256 px) rather than read every epoch
 
 
 def select_device(name: str) -> torch.device:
@@ -326,7 +328,8 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     epochs_left = math.ceil(max(state.total_steps - state.step, 0) / student_steps) if state.total_steps else 1
     bar = tqdm(total=(student_steps + seg_steps) * epochs_left, disable=not (progress and ctx.is_main),
                unit="step", desc=f"train {category.name}", dynamic_ncols=True)  # fmt: skip
-    stats_records = holdout or train_records
+    stats_records = holdout or train_records  # their map statistics are refitted every epoch: decode them once
+    stats_images = preload_images(stats_records, cfg) if len(stats_records) <= PRELOAD_MAX else stats_records
     if model.global_score is not None and not model.global_score.gaussian_fitted:  # the frozen teacher's, once
         fit_global_score(model, train_records, cfg, device)
     batches = iter(loader)
@@ -340,7 +343,7 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
                 log["student_seconds"] = round(time.perf_counter() - start, 2)
                 with _weights_for_maps(average, guard) as extra:  # statistics, head and files: the map weights
                     if model.cfg.map_normalization or model.global_score is not None:
-                        fit_map_statistics(model, stats_records, cfg, device)
+                        fit_map_statistics(model, stats_images, cfg, device)
                     if seg_obj is not None:
                         seg_start = time.perf_counter()
                         log |= train_segmentation_epoch(model, seg_obj, pairs, seg_opt, cfg, device, epoch, bar, ctx)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,20 +83,42 @@ def predict_split(model: DMDD, records: list[Record], cfg: Config, device: torch
                        types, paths, np.concatenate(has_mask), cfg.model.resize)  # fmt: skip
 
 
+def preload_images(records: list[Record], cfg: Config) -> torch.Tensor:
+    """The images of ``records`` decoded once at the model size: (N, 3, S, S) uint8 (what :class:`AnomalyDataset`
+    yields, times 255), for passes repeated every epoch."""
+    size, mode = cfg.model.image_size, cfg.model.resize
+    images = [torch.from_numpy(read_image(r.image, size, mode)).permute(2, 0, 1) for r in records]
+    return torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+
+
+def _image_batches(images: list[Record] | torch.Tensor, cfg: Config, batch_size: int) -> Iterator[torch.Tensor]:
+    """(B, 3, S, S) float images in [0, 1] from records (decoded by a DataLoader) or a :func:`preload_images`
+    tensor (the same values)."""
+    if isinstance(images, torch.Tensor):
+        for start in range(0, len(images), batch_size):
+            yield images[start : start + batch_size].float() / 255.0
+        return
+    data = AnomalyDataset(images, cfg.model.image_size, resize=cfg.model.resize)
+    for batch in DataLoader(data, batch_size=batch_size, num_workers=cfg.train.num_workers):
+        yield batch["image"]
+
+
 @torch.inference_mode()
-def fit_map_statistics(model: DMDD, records: list[Record], cfg: Config, device: torch.device, batch_size: int = 8):
+def fit_map_statistics(
+    model: DMDD, images: list[Record] | torch.Tensor, cfg: Config, device: torch.device, batch_size: int = 8
+):
     """Set ``model.map_mean`` / ``model.map_std`` to each map's mean and standard deviation over every pixel of
-    the given good images (held-out training images: no test data), and the residual head's ``sum_weights`` so that
-    its base is the plain sum of its input maps (standardised maps when ``model.map_normalization``), itself
-    standardised on the same pixels. Returns (mean (K,), std (K,))."""
+    the given good images (held-out training images: no test data; records, or :func:`preload_images` of them), and
+    the residual head's ``sum_weights`` so that its base is the plain sum of its input maps (standardised maps when
+    ``model.map_normalization``), itself standardised on the same pixels. With ``model.global_score`` fitted, also
+    the standardisation of both image scores. Returns (mean (K,), std (K,))."""
     was_training = model.training
     model.eval()
-    data = AnomalyDataset(records, cfg.model.image_size, resize=cfg.model.resize)
     total = torch.zeros(model.num_maps, dtype=torch.float64)
     moments = torch.zeros(model.num_maps, model.num_maps, dtype=torch.float64)  # sum of m m^T over pixels
     count = 0
-    for batch in DataLoader(data, batch_size=batch_size, num_workers=cfg.train.num_workers):
-        maps = model.stacked_maps(batch["image"].to(device), normalized=False).double().cpu()  # (B, K, S, S)
+    for batch in _image_batches(images, cfg, batch_size):
+        maps = model.stacked_maps(batch.to(device), normalized=False).double().cpu()  # (B, K, S, S)
         total += maps.sum(dim=(0, 2, 3))
         flat = maps.transpose(0, 1).reshape(model.num_maps, -1)
         moments += flat @ flat.T
@@ -112,10 +135,9 @@ def fit_map_statistics(model: DMDD, records: list[Record], cfg: Config, device: 
         head.sum_weights.fill_(1.0 / max(plain_std, 1e-6))
     if model.global_score is not None and model.global_score.gaussian_fitted > 0:
         map_scores, distances = [], []
-        for batch in DataLoader(data, batch_size=batch_size, num_workers=cfg.train.num_workers):
-            images = batch["image"].to(device)
-            feats = model.features(images)
-            map_scores.append(model.fuse(model.stack(*model.stage_maps(feats), images.shape[-2:])).pred_score.cpu())
+        for batch in _image_batches(images, cfg, batch_size):
+            feats = model.features(batch.to(device))
+            map_scores.append(model.fuse(model.stack(*model.stage_maps(feats), batch.shape[-2:])).pred_score.cpu())
             distances.append(model.global_score.distance(feats.teacher).cpu())
         model.global_score.fit_score_stats(torch.cat(map_scores), torch.cat(distances))
     model.train(was_training)
@@ -131,10 +153,9 @@ def fit_global_score(model: DMDD, records: list[Record], cfg: Config, device: to
         return []
     was_training = model.training
     model.eval()
-    data = AnomalyDataset(records, cfg.model.image_size, resize=cfg.model.resize)
     pooled: list[list[torch.Tensor]] = [[] for _ in model.channels]
-    for batch in DataLoader(data, batch_size=batch_size, num_workers=cfg.train.num_workers):
-        feats = model.teacher_features(model.normalize(batch["image"].to(device)))
+    for batch in _image_batches(records, cfg, batch_size):
+        feats = model.teacher_features(model.normalize(batch.to(device)))
         for i, z in enumerate(pool(feats, model.global_score.pooling)):
             pooled[i].append(z.double().cpu())
     shrinkages = model.global_score.fit([torch.cat(z) for z in pooled])  # on the CPU, in float64
