@@ -55,8 +55,9 @@ def raw_and_default(model, records, image_size: int, eval_size: int, with_masks:
     maps, scores, raws, masks, labels = [], [], [], [], []
     for batch in DataLoader(data, batch_size=8):
         images = batch["image"].to(device)
-        ngm, aim = model.stage_maps(model.features(images))
-        out = model.fuse(model.stack(ngm, aim, images.shape[-2:]))
+        feats = model.features(images)
+        ngm, aim = model.stage_maps(feats)
+        out = model.fuse(model.stack(ngm, aim, images.shape[-2:]), feats.teacher)  # the model's own image score
         raw = torch.cat([F.interpolate(m, size=images.shape[-2:], mode="bilinear") for m in ngm + aim], 1)
         if eval_size != images.shape[-1]:
             raw = F.interpolate(raw, size=(eval_size, eval_size), mode="bilinear")

@@ -16,6 +16,7 @@ import json
 import torch
 from common import checkpoint_parser, open_checkpoint
 
+from dmdd import metrics
 from dmdd.data import load_category
 from dmdd.engine import split_holdout
 from dmdd.evaluation import normal_threshold, operating_point, predict_split
@@ -38,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         held = predict_split(model, holdout or train, cfg, torch.device("cpu")).scores
         for target in args.targets:
             out[f"normal_target_{target:g}"] = operating_point(predictions, normal_threshold(held, target))
-    print(json.dumps({"checkpoint": args.checkpoint, "default_mode": thresholds.get("mode"), **out}, indent=1))
+    auroc = metrics.auroc(predictions.labels, predictions.scores)
+    print(json.dumps({"checkpoint": args.checkpoint, "image_auroc": auroc, "default_mode": thresholds.get("mode"),
+                      **out}, indent=1))  # fmt: skip
     return 0
 
 

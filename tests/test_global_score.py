@@ -72,10 +72,10 @@ def test_score_is_the_map_score_until_fitted_then_the_larger_standardised_score(
     assert torch.equal(g.combine(map_score, feats), map_score)  # nothing fitted
     g.fit([torch.randn(20, 3, generator=gen, dtype=torch.float64)])
     assert torch.equal(g.combine(map_score, feats), map_score)  # the Gaussian alone: no statistics yet
-    hold_map, hold_dist = torch.tensor([1.0, 1.5, 2.5]), torch.tensor([0.5, 1.0, 3.0])
-    g.fit_score_stats(hold_map, hold_dist)
+    hold_map = torch.tensor([1.0, 1.5, 2.5])
+    g.fit_score_stats(hold_map)
     z_map = (map_score - hold_map.mean()) / hold_map.std()
-    z_dist = (g.distance(feats) - hold_dist.mean()) / hold_dist.std()
+    z_dist = (g.distance(feats) - g.score_stats[2]) / g.score_stats[3]
     torch.testing.assert_close(g.combine(map_score, feats), torch.maximum(z_map, z_dist))
     with pytest.raises(ConfigError, match="global_score"):
         ModelConfig(global_score="max")
@@ -134,3 +134,22 @@ def test_statistics_from_preloaded_images_equal_those_from_records(tiny_tree):
     assert results[0].keys() == results[1].keys() and len(results[0]) > 4
     for k, v in results[0].items():
         assert torch.equal(v, results[1][k]), k
+
+
+def test_distance_is_standardised_over_training_images_scored_out_of_fold():
+    rng = np.random.default_rng(3)
+    pooled = [rng.normal(size=(23, 4)) * [1, 2, 3, 4] + 1, rng.normal(size=(23, 3))]
+    g = FeatureGaussian((4, 3), "mean")
+    g.fit([torch.from_numpy(z) for z in pooled], folds=5)
+    fold = np.arange(23) % 5
+    outside = np.zeros(23)
+    for k in range(5):
+        for z in pooled:
+            loc, cov, _ = ledoit_wolf_reference(z[fold != k])
+            inv = np.linalg.inv(cov)
+            for j in np.flatnonzero(fold == k):
+                outside[j] += np.sqrt((z[j] - loc) @ inv @ (z[j] - loc))
+    np.testing.assert_allclose(g.score_stats[2:].numpy(), [outside.mean(), outside.std(ddof=1)], rtol=1e-5)
+    inside = g.distance([torch.from_numpy(z).float()[:, :, None, None] for z in pooled]).numpy()
+    assert outside.mean() > inside.mean()  # scored out of sample, the training images lie farther out
+    assert g.fitted == 0 and g.gaussian_fitted == 1  # the map's statistics come later

@@ -71,10 +71,11 @@ class ModelConfig:
             ``top_k`` largest values, as the paper scores the MSN output; chosen, docs/deviations.md) or ``max``
             (checkpoints written before this option). The MSN output is always scored by its top-k mean.
         global_score: an image-level score from a Gaussian of each teacher stage's pooled features, fitted on the
-            training images: ``mean_std`` (per-channel mean and standard deviation over positions; default),
-            ``mean``, or ``off`` (the map's score alone, as in the paper). When on, the image score is the larger of
-            the map's score and this one, each standardised on held-out good images (deviation,
-            docs/deviations.md; see :mod:`dmdd.models.global_score`). The anomaly map does not change.
+            training images: ``mean`` (per-channel means over positions; default), ``mean_std`` (means and
+            standard deviations), or ``off`` (the map's score alone, as in the paper; use it where the whole look of
+            good parts drifts, e.g. lighting, since a global score flags such drift). When on, the image score is the
+            larger of the map's score and this one, each standardised on good images (deviation, docs/deviations.md;
+            see :mod:`dmdd.models.global_score`). The anomaly map does not change.
         student_bn_frozen: keep the student's BatchNorm statistics at their pretrained values
             (affine parameters still train). *(chosen)*: keeps student = teacher at initialisation,
             is robust to small batches and needs no SyncBatchNorm under DDP.
@@ -103,7 +104,7 @@ class ModelConfig:
     seg_channels: int = 16
     top_k: int = 100
     image_score: str = "top_k"
-    global_score: str = "mean_std"
+    global_score: str = "mean"
     student_bn_frozen: bool = True
     map_normalization: bool = True
     msn_residual: bool = True

@@ -111,7 +111,7 @@ def fit_map_statistics(
     the given good images (held-out training images: no test data; records, or :func:`preload_images` of them), and
     the residual head's ``sum_weights`` so that its base is the plain sum of its input maps (standardised maps when
     ``model.map_normalization``), itself standardised on the same pixels. With ``model.global_score`` fitted, also
-    the standardisation of both image scores. Returns (mean (K,), std (K,))."""
+    the standardisation of the map's image score. Returns (mean (K,), std (K,))."""
     was_training = model.training
     model.eval()
     total = torch.zeros(model.num_maps, dtype=torch.float64)
@@ -134,12 +134,9 @@ def fit_map_statistics(
         plain_std = abs(float(a @ covariance @ a)) ** 0.5
         head.sum_weights.fill_(1.0 / max(plain_std, 1e-6))
     if model.global_score is not None and model.global_score.gaussian_fitted > 0:
-        map_scores, distances = [], []
-        for batch in _image_batches(images, cfg, batch_size):
-            feats = model.features(batch.to(device))
-            map_scores.append(model.fuse(model.stack(*model.stage_maps(feats), batch.shape[-2:])).pred_score.cpu())
-            distances.append(model.global_score.distance(feats.teacher).cpu())
-        model.global_score.fit_score_stats(torch.cat(map_scores), torch.cat(distances))
+        map_scores = [model.fuse(model.stacked_maps(batch.to(device))).pred_score.cpu()
+                      for batch in _image_batches(images, cfg, batch_size)]  # fmt: skip
+        model.global_score.fit_score_stats(torch.cat(map_scores))
     model.train(was_training)
     return mean.float(), std.float()
 
@@ -147,7 +144,8 @@ def fit_map_statistics(
 @torch.inference_mode()
 def fit_global_score(model: DMDD, records: list[Record], cfg: Config, device: torch.device, batch_size: int = 16):
     """Fit ``model.global_score``'s Gaussians to the pooled teacher features of ``records`` (the training images;
-    the teacher is frozen, so this needs no training). The score statistics follow in :func:`fit_map_statistics`.
+    the teacher is frozen, so this needs no training) and the standardisation of their distance (out of sample);
+    the map score's statistics follow in :func:`fit_map_statistics`.
     Returns the Ledoit-Wolf shrinkage per stage."""
     if model.global_score is None:
         return []
