@@ -153,3 +153,13 @@ def test_distance_is_standardised_over_training_images_scored_out_of_fold():
     inside = g.distance([torch.from_numpy(z).float()[:, :, None, None] for z in pooled]).numpy()
     assert outside.mean() > inside.mean()  # scored out of sample, the training images lie farther out
     assert g.fitted == 0 and g.gaussian_fitted == 1  # the map's statistics come later
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 6])
+def test_a_handful_of_training_images_still_gives_finite_scores(n):
+    gen = torch.Generator().manual_seed(n)
+    g = FeatureGaussian((5, 3), "mean_std")
+    feats = lambda b: [torch.randn(b, 5, 4, 4, generator=gen), torch.randn(b, 3, 2, 2, generator=gen)]  # noqa: E731
+    g.fit(pool(feats(n), "mean_std"))
+    g.fit_score_stats(torch.randn(3, generator=gen))
+    assert torch.isfinite(g.score_stats).all() and torch.isfinite(g.combine(torch.zeros(2), feats(2))).all()

@@ -87,7 +87,7 @@ def preload_images(records: list[Record], cfg: Config) -> torch.Tensor:
     """The images of ``records`` decoded once at the model size: (N, 3, S, S) uint8 (what :class:`AnomalyDataset`
     yields, times 255), for passes repeated every epoch."""
     size, mode = cfg.model.image_size, cfg.model.resize
-    images = [torch.from_numpy(read_image(r.image, size, mode)).permute(2, 0, 1) for r in records]
+    images = [torch.tensor(read_image(r.image, size, mode)).permute(2, 0, 1) for r in records]
     return torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
 
 

@@ -58,6 +58,14 @@ def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     return loc, cov, shrinkage
 
 
+def _inverse(cov: torch.Tensor) -> torch.Tensor:
+    """The inverse of a covariance; the pseudo-inverse when it is singular (two images give a shrinkage of 0)."""
+    try:
+        return torch.linalg.inv(cov)
+    except torch.linalg.LinAlgError:
+        return torch.linalg.pinv(cov, hermitian=True)
+
+
 def _mahalanobis(z: torch.Tensor, loc: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     diff = z - loc
     return ((diff @ precision) * diff).sum(dim=1).clamp_min(0).sqrt()
@@ -105,21 +113,21 @@ class FeatureGaussian(nn.Module):
         """Fit the per-stage Gaussians to (N, D_i) pooled features of the training images, and standardise their
         distance by its mean and std over the same images scored out of sample: image k by Gaussians fitted without
         fold ``k % folds``. (Standardising on the ~20 held-out images of tire gave scales that differed 2x between
-        two splits, and 64 % false alarms on one of them.) With fewer than 4 images the in-sample distances are
+        two splits, and 64 % false alarms on one of them.) With fewer than 6 images the in-sample distances are
         used. Returns the shrinkage of each stage's final fit."""
         pooled = [z.double().cpu() for z in pooled]
         n = pooled[0].shape[0]
-        folds = min(folds, n // 2)
+        folds = min(folds, n // 3)  # every Gaussian sees at least two images
         fold = torch.arange(n) % max(folds, 1)
         outside = torch.zeros(n, dtype=torch.float64)
         for k in range(folds if folds >= 2 else 0):
             for z in pooled:
                 loc, cov, _ = ledoit_wolf(z[fold != k])
-                outside[fold == k] += _mahalanobis(z[fold == k], loc, torch.linalg.inv(cov))
+                outside[fold == k] += _mahalanobis(z[fold == k], loc, _inverse(cov))
         shrinkages, inside = [], torch.zeros(n, dtype=torch.float64)
         for i, z in enumerate(pooled):
             loc, cov, a = ledoit_wolf(z)
-            precision = torch.linalg.inv(cov)
+            precision = _inverse(cov)
             inside += _mahalanobis(z, loc, precision)
             getattr(self, f"loc{i}").copy_(loc.float())
             getattr(self, f"precision{i}").copy_(precision.float())
