@@ -98,7 +98,7 @@ class FeatureGaussian(nn.Module):
         # training images scored out of sample
         self.register_buffer("score_stats", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.register_buffer("gaussian_fitted", torch.zeros(()))
-        self.register_buffer("fitted", torch.zeros(()))  # the score statistics, for the current Gaussian
+        self.register_buffer("fitted", torch.zeros(()))  # the map score's statistics (fit_score_stats)
 
     def distance(self, features: list[torch.Tensor]) -> torch.Tensor:
         """(B,) sum over stages of the Mahalanobis distances of the pooled features."""
