@@ -3,10 +3,12 @@ defects such as magnetic_tile's "uneven")?
 
 The score is the Mahalanobis distance of each stage's spatially pooled teacher features (mean, and optionally the
 per-channel standard deviation over positions) to a Gaussian fitted on the training images the student trained on
-(Ledoit-Wolf shrinkage), summed over stages (Rippel et al., "Modeling the distribution of normal data in pre-trained
-deep features", 2020). The teacher is the frozen ImageNet backbone, so no training image is scored by a model that
-saw it as a target. Both the model's own image score and this one are standardised by their mean and std on the
-held-out good training images, never on the test split; combinations are their sum and maximum.
+(Ledoit-Wolf shrinkage), summed over stages, with the pooling and estimator of ``dmdd.models.global_score`` (the
+table in results §10 was measured with an earlier copy that took the sample standard deviation, N - 1; Rippel et
+al., "Modeling the distribution of normal data in pre-trained deep features", 2020). The teacher is the frozen
+ImageNet backbone, so no training image is scored by a model that saw it as a target. Both the model's own image
+score and this one are standardised by their mean and std on the held-out good training images, never on the test
+split; combinations are their sum and maximum.
 
 Reported per variant: I-AUROC (overall and per defect type), the share of defective test images flagged at
 thresholds set on the held-out images for 1, 2 and 5 % false-alarm targets with the false-alarm rate on good test
@@ -32,40 +34,23 @@ from dmdd.data import load_category
 from dmdd.data.datasets import AnomalyDataset
 from dmdd.engine import split_holdout
 from dmdd.evaluation import predict_split
+from dmdd.models.global_score import ledoit_wolf, mahalanobis, pool
 
 
 @torch.inference_mode()
-def pooled_features(model, records, cfg, with_std: bool) -> list[np.ndarray]:
-    """Per stage, (N, C) or (N, 2C) pooled teacher features."""
+def pooled_features(model, records, cfg, pooling: str) -> list[torch.Tensor]:
+    """Per stage, (N, C) or (N, 2C) pooled teacher features (the library's pooling)."""
     data = AnomalyDataset(records, cfg.model.image_size, resize=cfg.model.resize)
-    out: list[list[np.ndarray]] = [[] for _ in range(4)]
+    out: list[list[torch.Tensor]] = [[] for _ in range(4)]
     for batch in DataLoader(data, batch_size=16):
-        for i, f in enumerate(model.teacher_features(model.normalize(batch["image"]))):
-            pooled = [f.mean(dim=(2, 3))] + ([f.std(dim=(2, 3))] if with_std else [])
-            out[i].append(torch.cat(pooled, 1).double().numpy())
-    return [np.concatenate(o) for o in out]
+        for i, z in enumerate(pool(model.teacher_features(model.normalize(batch["image"])), pooling)):
+            out[i].append(z.double())
+    return [torch.cat(o) for o in out]
 
 
-def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and inverse of the Ledoit-Wolf shrunk covariance of the rows of ``x``."""
-    n, d = x.shape
-    mu = x.mean(0)
-    xc = x - mu
-    s = xc.T @ xc / n
-    m = np.trace(s) / d
-    d2 = np.sum((s - m * np.eye(d)) ** 2) / d
-    b2 = min(sum(np.sum((np.outer(r, r) - s) ** 2) for r in xc) / n**2 / d, d2)
-    shrink = b2 / d2 if d2 > 0 else 1.0
-    cov = shrink * m * np.eye(d) + (1 - shrink) * s
-    return mu, np.linalg.inv(cov)
-
-
-def mahalanobis(fits, feats) -> np.ndarray:
-    total = 0.0
-    for (mu, inv), f in zip(fits, feats):
-        diff = f - mu
-        total = total + np.sqrt(np.maximum(np.einsum("nd,de,ne->n", diff, inv, diff), 0))
-    return total
+def distances(fits, pooled) -> np.ndarray:
+    """Sum over stages of the Mahalanobis distances to the fitted (mean, precision) pairs."""
+    return sum(mahalanobis(z, loc, precision) for (loc, precision), z in zip(fits, pooled)).numpy()
 
 
 def report(name: str, test: np.ndarray, hold: np.ndarray, labels: np.ndarray, types: list[str]) -> dict:
@@ -101,9 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     z = lambda s, h: (s - h.mean()) / (h.std() + 1e-12)  # noqa: E731
     result = {"own": report("own", z(own_test.scores, own_hold), z(own_hold, own_hold), labels, types)}
     for with_std in (False, True):
-        fits = [ledoit_wolf(f) for f in pooled_features(model, fit_records, cfg, with_std)]
-        g_test = mahalanobis(fits, pooled_features(model, category.test, cfg, with_std))
-        g_hold = mahalanobis(fits, pooled_features(model, holdout, cfg, with_std))
+        pooling = "mean_std" if with_std else "mean"
+        fits = [
+            (loc, torch.linalg.inv(cov))
+            for loc, cov, _ in map(ledoit_wolf, pooled_features(model, fit_records, cfg, pooling))
+        ]
+        g_test = distances(fits, pooled_features(model, category.test, cfg, pooling))
+        g_hold = distances(fits, pooled_features(model, holdout, cfg, pooling))
         tag = "gauss_meanstd" if with_std else "gauss_mean"
         gt, gh = z(g_test, g_hold), z(g_hold, g_hold)
         ot, oh = z(own_test.scores, own_hold), z(own_hold, own_hold)

@@ -66,7 +66,8 @@ def _inverse(cov: torch.Tensor) -> torch.Tensor:
         return torch.linalg.pinv(cov, hermitian=True)
 
 
-def _mahalanobis(z: torch.Tensor, loc: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+def mahalanobis(z: torch.Tensor, loc: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """(N,) Mahalanobis distances of the rows of ``z`` (N, D) under a mean and a precision matrix."""
     diff = z - loc
     return ((diff @ precision) * diff).sum(dim=1).clamp_min(0).sqrt()
 
@@ -104,7 +105,7 @@ class FeatureGaussian(nn.Module):
         """(B,) sum over stages of the Mahalanobis distances of the pooled features."""
         total = None
         for i, z in enumerate(pool(features, self.pooling)):
-            d = _mahalanobis(z, getattr(self, f"loc{i}"), getattr(self, f"precision{i}"))
+            d = mahalanobis(z, getattr(self, f"loc{i}"), getattr(self, f"precision{i}"))
             total = d if total is None else total + d
         return total
 
@@ -123,12 +124,12 @@ class FeatureGaussian(nn.Module):
         for k in range(folds if folds >= 2 else 0):
             for z in pooled:
                 loc, cov, _ = ledoit_wolf(z[fold != k])
-                outside[fold == k] += _mahalanobis(z[fold == k], loc, _inverse(cov))
+                outside[fold == k] += mahalanobis(z[fold == k], loc, _inverse(cov))
         shrinkages, inside = [], torch.zeros(n, dtype=torch.float64)
         for i, z in enumerate(pooled):
             loc, cov, a = ledoit_wolf(z)
             precision = _inverse(cov)
-            inside += _mahalanobis(z, loc, precision)
+            inside += mahalanobis(z, loc, precision)
             getattr(self, f"loc{i}").copy_(loc.float())
             getattr(self, f"precision{i}").copy_(precision.float())
             shrinkages.append(a)
