@@ -255,6 +255,18 @@ def test_checkpoint_from_before_image_score_ema_and_global_score_keeps_its_score
     assert (train.ema_decay, train.update_clip, train.ema_gate) == (0.0, False, 0.0)
 
 
+def test_checkpoint_with_a_global_score_over_all_stages_from_before_the_stage_choice_loads_as_written(
+    tiny_tree, tmp_path
+):
+    cfg = tiny_config(tiny_tree).replace(model={"global_stages": [1, 2, 3, 4]})
+    payload = load_checkpoint(fit(cfg, tmp_path / "o", progress=False))
+    del payload["config"]["model"]["global_stages"]  # as written before the option existed
+    save_checkpoint(tmp_path / "old.pt", {k: v for k, v in payload.items() if not k.startswith("format")})
+    old = restore_model(tmp_path / "old.pt")[0]
+    assert old.cfg.global_stages == (1, 2, 3, 4) and old.global_score.stages == (0, 1, 2, 3)
+    assert DMDD(tiny_config(tiny_tree).model).global_score.stages == (1, 2, 3)  # the default leaves stage 1 out
+
+
 def test_checkpoint_without_residual_base_weights_loads_with_the_mean_base(tiny_tree, tmp_path):
     ckpt = fit(tiny_config(tiny_tree).replace(model={"msn": True}), tmp_path / "o", progress=False)
     payload = load_checkpoint(ckpt)

@@ -64,6 +64,22 @@ def test_pooling_and_distance_match_numpy():
     np.testing.assert_allclose(g.distance(feats).numpy(), expected, rtol=1e-4)
 
 
+def test_chosen_stages_alone_are_scored():
+    gen = torch.Generator().manual_seed(5)
+    train = [torch.randn(25, c, 4, 4, generator=gen) for c in (4, 2, 3)]
+    some, last_two = FeatureGaussian((4, 2, 3), "mean", stages=(2, 3)), FeatureGaussian((2, 3), "mean")
+    some.fit([z.double() for z in some.pooled(train)])
+    last_two.fit([z.double() for z in pool(train[1:], "mean")])
+    assert sorted(k for k in some.state_dict() if k.startswith("loc")) == ["loc1", "loc2"]
+    test = [torch.randn(3, c, 4, 4, generator=gen) for c in (4, 2, 3)]
+    torch.testing.assert_close(some.distance(test), last_two.distance(test[1:]))
+    moved = [test[0] * 10 + 5, *test[1:]]  # stage 1 is not scored: changing it changes nothing
+    torch.testing.assert_close(some.distance(moved), some.distance(test))
+    torch.testing.assert_close(some.score_stats, last_two.score_stats)
+    with pytest.raises(ValueError, match="stages"):
+        FeatureGaussian((4, 2), "mean", stages=(3,))
+
+
 def test_score_is_the_map_score_until_fitted_then_the_larger_standardised_score():
     gen = torch.Generator().manual_seed(1)
     g = FeatureGaussian((3,), "mean")
@@ -107,7 +123,7 @@ def test_training_fits_the_global_score_and_exported_scores_use_it(tiny_tree, tm
     model, payload = restore_model(ckpt)
     g = model.global_score
     assert g is not None and g.gaussian_fitted == 1 and g.fitted == 1
-    assert not torch.equal(g.precision0, torch.eye(g.dims[0]))
+    assert not torch.equal(getattr(g, f"precision{g.stages[0]}"), torch.eye(g.dims[0]))
     images = torch.stack([AnomalyDataset(load_category(tiny_tree).test, 64)[i]["image"] for i in range(4)])
     with torch.no_grad():
         feats = model.features(images)

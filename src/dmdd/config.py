@@ -45,6 +45,17 @@ def _coerce_fields(obj: object) -> None:
 ForegroundPolicy = Literal["auto", "object", "texture"]
 
 
+def _stage_set(name: str, value: Any) -> tuple[int, ...]:
+    """A sorted, non-empty tuple of distinct stage numbers in 1..4, or a ConfigError naming ``model.<name>``."""
+    try:
+        stages = tuple(sorted({int(i) for i in value}))
+    except (TypeError, ValueError):
+        raise ConfigError(f"model.{name} must be stage numbers 1..4, got {value!r}") from None
+    if not stages or not set(stages) <= {1, 2, 3, 4}:
+        raise ConfigError(f"model.{name} must be a non-empty subset of 1..4, got {value!r}")
+    return stages
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Networks (DESIGN §1, §4).
@@ -76,6 +87,9 @@ class ModelConfig:
             good parts drifts, e.g. lighting, since a global score flags such drift). When on, the image score is the
             larger of the map's score and this one, each standardised on good images (deviation, docs/deviations.md;
             see :mod:`dmdd.models.global_score`). The anomaly map does not change.
+        global_stages: the teacher stages whose pooled features the global score uses; the first is left out by
+            default (*chosen*: its channel means are colour and brightness statistics, the weakest evidence on both
+            development sets and the one most moved by a change of capture session, docs/deviations.md).
         student_bn_frozen: keep the student's BatchNorm statistics at their pretrained values
             (affine parameters still train). *(chosen)*: keeps student = teacher at initialisation,
             is robust to small batches and needs no SyncBatchNorm under DDP.
@@ -105,6 +119,7 @@ class ModelConfig:
     top_k: int = 100
     image_score: str = "top_k"
     global_score: str = "mean"
+    global_stages: tuple[int, ...] = (2, 3, 4)
     student_bn_frozen: bool = True
     map_normalization: bool = True
     msn_residual: bool = True
@@ -114,13 +129,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
-        try:
-            stages = tuple(sorted({int(i) for i in self.map_stages}))
-        except (TypeError, ValueError):
-            raise ConfigError(f"model.map_stages must be stage numbers 1..4, got {self.map_stages!r}") from None
-        if not stages or not set(stages) <= {1, 2, 3, 4}:
-            raise ConfigError(f"model.map_stages must be a non-empty subset of 1..4, got {self.map_stages!r}")
-        object.__setattr__(self, "map_stages", stages)
+        for name in ("map_stages", "global_stages"):
+            object.__setattr__(self, name, _stage_set(name, getattr(self, name)))
         if self.resize not in ("squash", "pad", "crop"):
             raise ConfigError(f"model.resize must be squash|pad|crop, got {self.resize!r}")
         if self.global_attention_size < 0 or self.map_sigma < 0:

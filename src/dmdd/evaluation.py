@@ -20,7 +20,6 @@ from dmdd.data.foreground import ForegroundCache
 from dmdd.data.io import read_image
 from dmdd.data.synthesis import AnomalySynthesizer
 from dmdd.models.dmdd import DMDD
-from dmdd.models.global_score import pool
 from dmdd.visualize import heatmap_panel
 
 CALIBRATION_STREAM = 10_000  # rng stream of the synthetic anomalies used for calibration
@@ -151,10 +150,10 @@ def fit_global_score(model: DMDD, records: list[Record], cfg: Config, device: to
         return []
     was_training = model.training
     model.eval()
-    pooled: list[list[torch.Tensor]] = [[] for _ in model.channels]
+    pooled: list[list[torch.Tensor]] = [[] for _ in model.global_score.stages]
     for batch in _image_batches(records, cfg, batch_size):
         feats = model.teacher_features(model.normalize(batch.to(device)))
-        for i, z in enumerate(pool(feats, model.global_score.pooling)):
+        for i, z in enumerate(model.global_score.pooled(feats)):
             pooled[i].append(z.double().cpu())
     shrinkages = model.global_score.fit([torch.cat(z) for z in pooled])  # on the CPU, in float64
     model.train(was_training)

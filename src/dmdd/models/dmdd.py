@@ -83,7 +83,9 @@ class DMDD(nn.Module):
         self.register_buffer("map_mean", torch.zeros(self.num_maps))
         self.register_buffer("map_std", torch.ones(self.num_maps))
         # Image-level score from pooled teacher features (fitted by dmdd.evaluation.fit_global_score).
-        self.global_score = FeatureGaussian(backbone.channels, cfg.global_score) if cfg.global_score != "off" else None
+        self.global_score = None
+        if cfg.global_score != "off":
+            self.global_score = FeatureGaussian(backbone.channels, cfg.global_score, cfg.global_stages)
         self.train()
 
     def train(self, mode: bool = True) -> DMDD:

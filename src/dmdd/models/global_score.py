@@ -6,8 +6,9 @@ change a whole image a little rather than a part of it a lot (magnetic_tile's "u
 the maps). Each teacher stage's features are pooled over all positions (per-channel mean, and with ``mean_std`` the
 per-channel standard deviation too) and scored by their Mahalanobis distance to a Gaussian fitted on the training
 images, with Ledoit-Wolf shrinkage (Rippel et al., "Modeling the Distribution of Normal Data in Pre-Trained Deep
-Features for Anomaly Detection", ICPR 2020); the distances of the four stages are summed. The teacher is frozen, so
-the fit needs only the training images and no training.
+Features for Anomaly Detection", ICPR 2020); the distances of the chosen stages are summed (by default stages 2-4:
+stage 1's channel means are colour and brightness statistics, which a change of capture session moves most). The
+teacher is frozen, so the fit needs only the training images and no training.
 
 The image score is then the larger of two standardised scores: the map's own score, minus its mean over the held-out
 good images and divided by its standard deviation there, and this one, standardised by its mean and standard
@@ -84,15 +85,21 @@ class FeatureGaussian(nn.Module):
     Args:
         channels: the teacher's channels per stage.
         pooling: ``mean`` or ``mean_std``.
+        stages: the stages (1-based) whose features are scored, all by default; buffers keep the stage's 0-based
+            index.
     """
 
-    def __init__(self, channels: tuple[int, ...], pooling: str = "mean") -> None:
+    def __init__(self, channels: tuple[int, ...], pooling: str = "mean", stages: tuple[int, ...] | None = None):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        stages = tuple(range(1, len(channels) + 1)) if stages is None else stages
+        if not stages or not set(stages) <= set(range(1, len(channels) + 1)):
+            raise ValueError(f"stages must be a non-empty subset of 1..{len(channels)}, got {stages!r}")
         self.pooling = pooling
-        self.dims = [c * (2 if pooling == "mean_std" else 1) for c in channels]
-        for i, d in enumerate(self.dims):
+        self.stages = tuple(sorted(s - 1 for s in stages))
+        self.dims = [channels[i] * (2 if pooling == "mean_std" else 1) for i in self.stages]
+        for i, d in zip(self.stages, self.dims):
             self.register_buffer(f"loc{i}", torch.zeros(d))
             self.register_buffer(f"precision{i}", torch.eye(d))
         # (mean, std) of the map's image score over held-out good images, then of the Gaussian distance over the
@@ -101,21 +108,25 @@ class FeatureGaussian(nn.Module):
         self.register_buffer("gaussian_fitted", torch.zeros(()))
         self.register_buffer("fitted", torch.zeros(()))  # the map score's statistics (fit_score_stats)
 
+    def pooled(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The pooled features of the scored stages, from the teacher's features of all stages."""
+        return pool([features[i] for i in self.stages], self.pooling)
+
     def distance(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """(B,) sum over stages of the Mahalanobis distances of the pooled features."""
+        """(B,) sum over the scored stages of the Mahalanobis distances of the pooled features."""
         total = None
-        for i, z in enumerate(pool(features, self.pooling)):
+        for i, z in zip(self.stages, self.pooled(features)):
             d = mahalanobis(z, getattr(self, f"loc{i}"), getattr(self, f"precision{i}"))
             total = d if total is None else total + d
         return total
 
     @torch.no_grad()
     def fit(self, pooled: list[torch.Tensor], folds: int = 5) -> list[float]:
-        """Fit the per-stage Gaussians to (N, D_i) pooled features of the training images, and standardise their
-        distance by its mean and std over the same images scored out of sample: image k by Gaussians fitted without
-        fold ``k % folds``. (Standardising on the ~20 held-out images of tire gave scales that differed 2x between
-        two splits, and 64 % false alarms on one of them.) With fewer than 6 images the in-sample distances are
-        used. Returns the shrinkage of each stage's final fit."""
+        """Fit the per-stage Gaussians to (N, D_i) pooled features of the training images (:meth:`pooled`), and
+        standardise their distance by its mean and std over the same images scored out of sample: image k by
+        Gaussians fitted without fold ``k % folds``. (Standardising on the ~20 held-out images of tire gave scales
+        that differed 2x between two splits, and 64 % false alarms on one of them.) With fewer than 6 images the
+        in-sample distances are used. Returns the shrinkage of each stage's final fit."""
         pooled = [z.double().cpu() for z in pooled]
         n = pooled[0].shape[0]
         folds = min(folds, n // 3)  # every Gaussian sees at least two images
@@ -126,7 +137,7 @@ class FeatureGaussian(nn.Module):
                 loc, cov, _ = ledoit_wolf(z[fold != k])
                 outside[fold == k] += mahalanobis(z[fold == k], loc, _inverse(cov))
         shrinkages, inside = [], torch.zeros(n, dtype=torch.float64)
-        for i, z in enumerate(pooled):
+        for i, z in zip(self.stages, pooled):
             loc, cov, a = ledoit_wolf(z)
             precision = _inverse(cov)
             inside += mahalanobis(z, loc, precision)
