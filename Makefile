@@ -13,10 +13,11 @@ install: $(STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstalls only when pyproject.toml changes; a second `make test` installs nothing.
-$(STAMP): pyproject.toml | $(BIN)/python
+# The exact tested versions (requirements/lock.txt) within pyproject.toml's ranges. Reinstalls only when either
+# file changes; a second `make test` installs nothing.
+$(STAMP): pyproject.toml requirements/lock.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" -c requirements/lock.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

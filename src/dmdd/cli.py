@@ -1,4 +1,4 @@
-"""``dmdd`` command line: train, test, predict, export, demo. Thin over the Python API.
+"""``dmdd`` command line: train, test, predict, export, serve, demo. Thin over the Python API.
 
 Errors a user can cause print one line (what, which file, what to do) and exit with status 2; ``--debug`` shows
 the traceback instead.
@@ -115,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    p = sub.add_parser("serve", help="inspection web app and HTTP API (needs pip install 'dmdd[serve]')",
+                       description="Serve models over HTTP with a browser app: drop images, see heat maps, move the "
+                       "threshold, train on a folder of good images. API docs at http://HOST:PORT/docs.")  # fmt: skip
+    p.add_argument("models", nargs="*", help="checkpoints (last.pt) or exported .onnx files; the first is active")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--data-root", help="the only server-side folder tree the app may read (inspection, training)")
+    p.add_argument("--runs-dir", default="runs/serve", help="run folders of training jobs (default runs/serve)")
+    p.add_argument("--token", default=os.environ.get("DMDD_SERVE_TOKEN"),
+                   help="require a bearer token on every request (default: $DMDD_SERVE_TOKEN)")  # fmt: skip
+    p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest accepted upload in MiB (default 25)")
+    p.add_argument("--max-megapixels", type=float, default=50.0, help="largest accepted image (default 50 MP)")
+    p.add_argument("--train-threads", type=int, help="torch threads of training jobs (default: torch's choice)")
+    _common(p)
 
     p = sub.add_parser("demo", help="built-in data, offline: generate, train, evaluate, write the report")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -271,6 +286,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dmdd.checkpoint import restore_model
     from dmdd.export import export_onnx, export_openvino, export_torchscript
 
+    if args.format != "torchscript":
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError as exc:
+            raise DmddError(f"--format {args.format} needs the export extra ({exc.name} is missing): "
+                            "pip install 'dmdd[export]'") from None  # fmt: skip
     model, payload = restore_model(args.checkpoint)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     if args.format == "onnx":
@@ -292,7 +315,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "export": cmd_export, "demo": cmd_demo}
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from dmdd.serve import ServeSettings, create_app
+    except ImportError as exc:
+        missing = exc.name
+        raise DmddError(f"dmdd serve needs the serve extra ({missing} is missing): pip install 'dmdd[serve]'") from None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    train_args = ["--threads", str(args.train_threads)] if args.train_threads else []
+    settings = ServeSettings(models=args.models, data_root=args.data_root, runs_dir=args.runs_dir, token=args.token,
+                             max_upload_bytes=int(args.max_upload_mb * 2**20),
+                             max_pixels=int(args.max_megapixels * 1e6), device=args.device or "auto",
+                             train_args=train_args)  # fmt: skip
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.token:
+        print(f"dmdd serve: warning: listening on {args.host} without --token: anyone who reaches this port can "
+              "use the API", file=sys.stderr)  # fmt: skip
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve,
+            "demo": cmd_demo}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

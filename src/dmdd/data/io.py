@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -35,7 +36,24 @@ def _open(path: Path) -> Image.Image:
     return image
 
 
-def _decode(image: Image.Image, path: Path, max_side: int | None) -> Image.Image:
+def _open_bytes(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
+    """Open an uploaded image from memory; refuse more than ``max_pixels`` from the header alone (no decoding)."""
+    if not data:
+        raise ImageReadError(name, "the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.MAX_IMAGE_PIXELS = None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(name, f"not a readable image ({type(exc).__name__})") from exc
+    w, h = image.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageReadError(name, f"image is {w}x{h} px, more than the limit of {max_pixels} pixels")
+    return image
+
+
+def _decode(image: Image.Image, path: Path | str, max_side: int | None) -> Image.Image:
     """Load pixel data, reducing huge images early (JPEG draft mode, then integer reduce)."""
     w, h = image.size
     if w < MIN_SIDE or h < MIN_SIDE:
@@ -81,6 +99,16 @@ def read_image(path: str | Path, size: int | None = None, mode: str = "squash") 
     image = _decode(_open(path), path, size)
     arr = _to_uint8_rgb(image)
     return arr if size is None else to_square(arr, size, mode)
+
+
+def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = None) -> np.ndarray:
+    """Decode image bytes (an upload) as (H, W, 3) uint8 RGB, huge images reduced as :func:`read_image` does.
+
+    Raises:
+        ImageReadError: empty, not an image, truncated, or more than ``max_pixels`` pixels (checked on the header,
+            before any pixel is decoded: a decompression bomb costs nothing).
+    """
+    return _to_uint8_rgb(_decode(_open_bytes(data, name, max_pixels), name, None))
 
 
 def read_mask(

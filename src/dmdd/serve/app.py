@@ -1,0 +1,280 @@
+"""``dmdd serve``: an inspection web app and HTTP API (FastAPI) over the models of :mod:`dmdd.serve.models`.
+
+Endpoints (the framework documents them at ``/docs``): ``GET /health``, ``GET /models``,
+``POST /models/{name}/activate``, ``POST /predict`` (uploaded images), ``POST /inspect/folder`` (a folder under
+``data_root``), ``GET /folders``, and training jobs: ``POST /jobs``, ``GET /jobs``, ``GET /jobs/{id}``,
+``POST /jobs/{id}/stop``. The browser app is ``/``.
+
+Example:
+    >>> from dmdd.serve import ServeSettings, create_app
+    >>> app = create_app(ServeSettings(models=["runs/dmdd/tire/last.pt"], data_root="data"))
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import cv2
+import numpy as np
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from dmdd import __version__
+from dmdd.data.io import IMAGE_SUFFIXES, decode_image, list_images, read_image
+from dmdd.errors import DmddError, ImageReadError
+from dmdd.serve.jobs import JobBusy, JobRunner, TrainingJob
+from dmdd.serve.models import Registry, ServedModel
+from dmdd.visualize import overlay
+
+STATIC = Path(__file__).parent / "static"
+MAP_HELP = "base64: overlay and mask PNGs in the JSON; png: the overlay itself (one image)"
+
+
+@dataclass
+class ServeSettings:
+    """What ``dmdd serve`` is started with.
+
+    Attributes:
+        models: checkpoints (``last.pt``) or exported ``.onnx`` files to load; the first is active.
+        data_root: the only server-side tree the app may read folders from (inspection and training data); None
+            turns folder access off.
+        runs_dir: where training jobs write their run folders.
+        token: when set, every request needs ``Authorization: Bearer <token>`` (or ``?token=`` for the page).
+        max_upload_bytes: largest accepted file.
+        max_pixels: largest accepted image (width x height, read from the header before decoding).
+        max_files: most images per request.
+        device: ``auto``, ``cpu``, ``cuda``...
+        train_args: extra ``dmdd train`` arguments for jobs (e.g. ``["--threads", "1"]``).
+    """
+
+    models: list[str | Path] = field(default_factory=list)
+    data_root: str | Path | None = None
+    runs_dir: str | Path = "runs/serve"
+    token: str | None = None
+    max_upload_bytes: int = 25 * 2**20
+    max_pixels: int = 50_000_000
+    max_files: int = 64
+    device: str = "auto"
+    train_args: list[str] = field(default_factory=list)
+
+
+class FolderRequest(BaseModel):
+    folder: str = Field(description="folder under the server's data root, e.g. 'tire/test/cut'")
+    limit: int = Field(500, ge=1, le=5000, description="most images to score, in sorted order")
+
+
+class JobRequest(BaseModel):
+    folder: str = Field(description="good training images under the data root: an MVTec category or a plain folder")
+    minutes: float = Field(10.0, gt=0, le=24 * 60, description="training budget in minutes")
+    backbone: str = Field("wide_resnet50_2", description="backbone, e.g. wide_resnet50_2 or efficientnet_lite0")
+    image_size: int | None = Field(None, description="input size (multiple of 32); default 256")
+
+
+def _png_base64(rgb: np.ndarray) -> str:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb)
+    return base64.b64encode(buf.tobytes()).decode("ascii")
+
+
+def _overlay(image: np.ndarray, amap: np.ndarray, pixel_threshold: float | None) -> np.ndarray:
+    """The colour scale ``dmdd predict`` uses: 0 to twice the pixel threshold (or the map's maximum)."""
+    vmax = max(2 * pixel_threshold if pixel_threshold is not None else 0.0, float(amap.max()), 1e-6)
+    return overlay(image, amap, 0.0, vmax)
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    """The FastAPI application; models load at creation, so a bad path fails before the server starts."""
+    registry = Registry(settings.device)
+    for path in settings.models:
+        registry.add(path)
+    data_root = Path(settings.data_root).resolve() if settings.data_root else None
+
+    def job_done(job: TrainingJob, checkpoint: Path) -> None:
+        job.model_name = registry.add(checkpoint, name=job.id).name
+
+    jobs = JobRunner(Path(settings.runs_dir).resolve(), job_done, settings.train_args)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        jobs.shutdown()  # a server that stops takes its training job with it (last checkpoint kept)
+
+    def authorize(request: Request) -> None:
+        if settings.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("token", "")
+        if not secrets.compare_digest(given.encode(), settings.token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(title="dmdd", version=__version__, lifespan=lifespan, dependencies=[Depends(authorize)],
+                  description="DMDD anomaly detection: score, inspect folders, train on good images")  # fmt: skip
+    app.state.registry, app.state.jobs, app.state.settings = registry, jobs, settings
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def model_or_404(name: str | None) -> ServedModel:
+        try:
+            return registry.get(name)
+        except KeyError:
+            raise HTTPException(404, f"no model {name!r} is loaded" if name else "no model is loaded") from None
+
+    def confined(folder: str) -> Path:
+        """A folder under the data root: no '..' and no symlink leads outside it."""
+        if data_root is None:
+            raise HTTPException(403, "server-side folders are off: start dmdd serve with --data-root")
+        path = (data_root / folder.lstrip("/")).resolve()
+        if not path.is_relative_to(data_root):
+            raise HTTPException(403, f"folder {folder!r} lies outside the data root")
+        if not path.is_dir():
+            raise HTTPException(404, f"folder {folder!r} not found under the data root")
+        return path
+
+    def thresholds(model: ServedModel, image_t: float | None, pixel_t: float | None) -> dict:
+        """The request's thresholds, else the model's calibrated ones."""
+        return {"image_threshold": model.image_threshold if image_t is None else image_t,
+                "pixel_threshold": model.pixel_threshold if pixel_t is None else pixel_t}  # fmt: skip
+
+    def rows(model: ServedModel, named: list[tuple[str, np.ndarray]], used: dict, maps: bool) -> list[dict]:
+        """One result per (name, image): score, decision, anomalous area, and the PNGs with ``maps``."""
+        image_t, pixel_t = used["image_threshold"], used["pixel_threshold"]
+        out = []
+        for (name, image), scored in zip(named, model.score([im for _, im in named])):
+            mask = scored.anomaly_map >= pixel_t if pixel_t is not None else None
+            row = {"name": name, "score": scored.score,
+                   "anomalous": None if image_t is None else bool(scored.score >= image_t),
+                   "anomalous_area": None if mask is None else float(mask.mean()),
+                   "width": int(image.shape[1]), "height": int(image.shape[0])}  # fmt: skip
+            if maps:
+                row["overlay_png"] = _png_base64(_overlay(image, scored.anomaly_map, pixel_t))
+                if mask is not None:
+                    row["mask_png"] = _png_base64(mask.astype(np.uint8) * 255)
+            out.append(row)
+        return out
+
+    async def read_upload(upload: UploadFile) -> np.ndarray:
+        name = upload.filename or "upload"
+        data = await upload.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise HTTPException(413, f"{name}: larger than the upload limit of {settings.max_upload_bytes} bytes")
+        try:
+            return decode_image(data, name, settings.max_pixels)
+        except ImageReadError as exc:
+            status = 413 if "limit" in exc.reason else 415 if "not a readable image" in exc.reason else 400
+            raise HTTPException(status, f"{name}: {exc.reason}") from None
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/health", summary="liveness, version, active model, running job")
+    def health() -> dict:
+        running = jobs.running()
+        return {"status": "ok", "version": __version__, "active_model": registry.active,
+                "models": len(registry.models), "training_job": running.id if running else None}  # fmt: skip
+
+    @app.get("/models", summary="loaded models: backbone, image size, thresholds, training data")
+    def models() -> dict:
+        return {"active": registry.active, "models": [m.info() for m in registry.models.values()]}
+
+    @app.post("/models/{name}/activate", summary="make a loaded model the active one")
+    def activate(name: str) -> dict:
+        model_or_404(name)
+        return registry.activate(name).info()
+
+    @app.post("/predict", summary="score uploaded images", response_model=None)
+    async def predict(
+        files: Annotated[list[UploadFile], File(description="one or more images")],
+        threshold: Annotated[float | None, Query(description="image threshold for this request")] = None,
+        pixel_threshold: Annotated[float | None, Query(description="pixel threshold for this request")] = None,
+        map: Annotated[Literal["none", "base64", "png"], Query(description=MAP_HELP)] = "none",
+        model: Annotated[str | None, Query(description="a loaded model's name (default: the active one)")] = None,
+    ) -> dict | Response:
+        if len(files) > settings.max_files:
+            raise HTTPException(413, f"{len(files)} files: at most {settings.max_files} per request")
+        if map == "png" and len(files) != 1:
+            raise HTTPException(400, "map=png returns one image: send exactly one file (or use map=base64)")
+        chosen = model_or_404(model)
+        named = [(f.filename or f"upload-{i}", await read_upload(f)) for i, f in enumerate(files)]
+        used = thresholds(chosen, threshold, pixel_threshold)
+        body = {"model": chosen.name, **used, "results": rows(chosen, named, used, maps=map != "none")}
+        if map == "png":
+            row = body["results"][0]
+            headers = {"X-Dmdd-Score": f"{row['score']:.6g}", "X-Dmdd-Anomalous": str(row["anomalous"]).lower(),
+                       "X-Dmdd-Threshold": str(body["image_threshold"])}  # fmt: skip
+            return Response(base64.b64decode(row["overlay_png"]), media_type="image/png", headers=headers)
+        return body
+
+    @app.get("/folders", summary="sub-folders and image count of a folder under the data root")
+    def folders(path: Annotated[str, Query(description="folder under the data root ('' for the root)")] = "") -> dict:
+        folder = confined(path)
+        subs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        images = sum(1 for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return {"path": str(folder.relative_to(data_root)), "folders": subs, "images": images}
+
+    @app.post("/inspect/folder", summary="score the images of a folder under the data root")
+    def inspect_folder(
+        request: FolderRequest,
+        threshold: Annotated[float | None, Query(description="image threshold for this request")] = None,
+        pixel_threshold: Annotated[float | None, Query(description="pixel threshold for this request")] = None,
+        map: Annotated[Literal["none", "base64"], Query(description="base64: overlay and mask PNGs")] = "none",
+        model: Annotated[str | None, Query(description="a loaded model's name (default: the active one)")] = None,
+    ) -> dict:
+        folder = confined(request.folder)
+        chosen = model_or_404(model)
+        paths = [p for p in list_images(folder) if p.resolve().is_relative_to(data_root)][: request.limit]
+        if not paths:
+            raise HTTPException(404, f"folder {request.folder!r} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+        used = thresholds(chosen, threshold, pixel_threshold)
+        results: list[dict] = []
+        failed: list[dict] = []
+        for start in range(0, len(paths), 8):  # batches of 8 keep memory flat on big folders
+            named = []
+            for path in paths[start : start + 8]:
+                name = str(path.relative_to(data_root))
+                try:
+                    named.append((name, read_image(path)))
+                except ImageReadError as exc:
+                    failed.append({"name": name, "error": exc.reason})
+            results += rows(chosen, named, used, map == "base64") if named else []
+        return {"model": chosen.name, **used, "results": results, "failed": failed}
+
+    @app.post("/jobs", status_code=201, summary="start training on a folder of good images (one job at a time)")
+    def start_job(request: JobRequest) -> dict:
+        folder = confined(request.folder)
+        try:
+            job = jobs.start(folder, request.minutes, request.backbone, request.image_size)
+        except JobBusy as exc:
+            raise HTTPException(409, str(exc)) from None
+        return job.status()
+
+    @app.get("/jobs", summary="all training jobs of this server")
+    def list_jobs() -> dict:
+        return {"jobs": [j.status() for j in jobs.jobs.values()]}
+
+    def job_or_404(job_id: str) -> TrainingJob:
+        if job_id not in jobs.jobs:
+            raise HTTPException(404, f"no training job {job_id!r}")
+        return jobs.jobs[job_id]
+
+    @app.get("/jobs/{job_id}", summary="a job's progress: steps, losses, ETA")
+    def job_status(job_id: str) -> dict:
+        return job_or_404(job_id).status()
+
+    @app.post("/jobs/{job_id}/stop", summary="stop a job; its last complete checkpoint is kept")
+    def stop_job(job_id: str) -> dict:
+        job_or_404(job_id)
+        return jobs.stop(job_id).status()
+
+    @app.exception_handler(DmddError)
+    async def dmdd_error(_: Request, exc: DmddError):
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    return app
