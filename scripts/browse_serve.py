@@ -1,0 +1,103 @@
+"""Drive the `dmdd serve` page in headless Chromium (Debian's `chromium`, through Playwright; nothing downloaded):
+upload images, read the gallery, move the threshold slider to both ends, save a screenshot.
+
+The browser test runs this against a tiny model; the screenshot in docs/ comes from a trained tire model:
+
+    python scripts/browse_serve.py runs/tire/last.pt ../shared/data/tire/test/cut/000.png \
+        ../shared/data/tire/test/good/000.png --png docs/serve_screenshot.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import socket
+import threading
+import time
+from pathlib import Path
+
+from screenshot_report import find_chromium
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """Serve an ASGI app with uvicorn on a free port of 127.0.0.1 in a thread; yields its base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def cards(page) -> list[dict]:
+    """The gallery as the user sees it: name, score and decision of each card, top to bottom."""
+    return page.eval_on_selector_all(
+        ".card",
+        """cards => cards.map(c => ({name: c.dataset.name, score: parseFloat(c.querySelector('.score').textContent),
+            decision: c.querySelector('.decision').textContent, overlay: c.querySelector('img').naturalWidth}))""",
+    )
+
+
+def inspect_in_browser(base_url: str, images: list[Path], png: Path | None = None) -> dict:
+    """Upload ``images`` on the page, wait for their cards, then press End and Home on the slider.
+
+    Returns the cards after the upload, with the slider at its maximum (End) and at its minimum (Home), and the
+    threshold shown at first.
+    """
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=find_chromium(), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(base_url + "/")
+            page.set_input_files("#file-input", [str(i) for i in images])
+            page.wait_for_function(f"document.querySelectorAll('.card img').length === {len(images)}", timeout=60_000)
+            page.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete)")
+            first = {"cards": cards(page), "threshold": page.text_content("#threshold-value"),
+                     "counts": page.text_content("#counts")}  # fmt: skip
+            if png is not None:
+                png.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(png), full_page=True)
+            slider = page.locator("#threshold")
+            slider.focus()
+            slider.press("End")
+            at_max = cards(page)
+            slider.press("Home")
+            at_min = cards(page)
+            return {**first, "at_max": at_max, "at_min": at_min}
+        finally:
+            browser.close()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="checkpoint or exported .onnx to serve")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--png", type=Path, required=True)
+    args = p.parse_args()
+    from dmdd.serve import ServeSettings, create_app
+
+    with live_server(create_app(ServeSettings(models=[args.model], device="cpu"))) as url:
+        seen = inspect_in_browser(url, args.images, args.png)
+    for card in seen["cards"]:
+        print(f"{card['score']:8.3f}  {card['decision']:9s}  {card['name']}")
+    print(f"threshold {seen['threshold']}; screenshot {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
