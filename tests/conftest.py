@@ -47,4 +47,3 @@ def real_category(name: str) -> Path:
     if not folder.is_dir():
         pytest.skip(f"real dataset not present at {folder} (the shared data folder is absent on this machine)")
     return folder
-

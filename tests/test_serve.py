@@ -250,3 +250,40 @@ def test_unknown_checkpoint_fails_before_the_server_starts(tmp_path):
 def test_decode_image_reads_what_read_image_reads(served):
     path = sorted((served["category"] / "test").rglob("*.png"))[0]
     assert np.array_equal(decode_image(Path(path).read_bytes(), path.name), read_image(path))
+
+
+@pytest.mark.slow
+def test_a_job_on_a_folder_without_images_fails_with_the_trainers_reason(served):
+    empty = served["root"] / "empty_folder"
+    empty.mkdir(exist_ok=True)
+    with client(served, runs_dir=served["out"] / "jobs3") as c:
+        job = c.post("/jobs", json={"folder": "empty_folder", "minutes": 1, "backbone": "efficientnet_lite0"}).json()
+        status = wait_for(c, job["id"], {"failed", "finished", "stopped"}, timeout=120)
+        assert status["state"] == "failed" and "dmdd: error:" in status["error"] and status["model"] is None
+
+
+def test_cli_serve_runs_uvicorn_with_the_options_and_warns_when_open_without_a_token(served, monkeypatch, capsys):
+    import uvicorn
+
+    from dmdd.cli import main
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.setenv("DMDD_SERVE_TOKEN", "from-env")
+    assert main(["serve", str(served["ckpt"]), "--port", "8123", "--device", "cpu"]) == 0
+    app, kw = calls[-1]
+    assert kw["host"] == "127.0.0.1" and kw["port"] == 8123 and app.state.settings.token == "from-env"
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.delenv("DMDD_SERVE_TOKEN")
+    assert main(["serve", str(served["ckpt"]), "--host", "0.0.0.0", "--device", "cpu"]) == 0
+    assert calls[-1][1]["host"] == "0.0.0.0" and "without --token" in capsys.readouterr().err
+
+
+def test_cli_serve_without_the_serve_extra_says_how_to_install_it(monkeypatch, capsys):
+    import sys
+
+    from dmdd.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    assert main(["serve"]) == 2
+    assert "pip install 'dmdd[serve]'" in capsys.readouterr().err
