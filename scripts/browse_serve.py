@@ -52,10 +52,11 @@ def cards(page) -> list[dict]:
 
 
 def inspect_in_browser(base_url: str, images: list[Path], png: Path | None = None) -> dict:
-    """Upload ``images`` on the page, wait for their cards, then press End and Home on the slider.
+    """Upload ``images`` on the page, wait for their cards, click the first image (mask) and back, then press End
+    and Home on the slider.
 
-    Returns the cards after the upload, with the slider at its maximum (End) and at its minimum (Home), and the
-    threshold shown at first.
+    Returns the cards after the upload, whether the click showed the mask, the cards with the slider at its maximum
+    (End) and at its minimum (Home), and the threshold shown at first.
     """
     from playwright.sync_api import sync_playwright
 
@@ -72,13 +73,16 @@ def inspect_in_browser(base_url: str, images: list[Path], png: Path | None = Non
             if png is not None:
                 png.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(png), full_page=True)
+            page.click(".card img")  # the mask instead of the overlay
+            mask_shown = page.get_attribute(".card img", "class") == "mask"
+            page.click(".card img")
             slider = page.locator("#threshold")
             slider.focus()
             slider.press("End")
             at_max = cards(page)
             slider.press("Home")
             at_min = cards(page)
-            return {**first, "at_max": at_max, "at_min": at_min}
+            return {**first, "mask_shown": mask_shown, "at_max": at_max, "at_min": at_min}
         finally:
             browser.close()
 

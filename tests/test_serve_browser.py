@@ -30,6 +30,7 @@ def test_upload_shows_overlay_and_score_and_the_slider_changes_the_decision(tiny
         seen = inspect_in_browser(url, [image], tmp_path / "page.png")
     (card,) = seen["cards"]
     assert card["name"] == image.name and card["overlay"] > 0  # the overlay image decoded in the browser
+    assert seen["mask_shown"]  # a click shows the mask at the pixel threshold
     threshold = float(seen["threshold"])
     assert card["decision"] == ("anomalous" if card["score"] >= threshold else "good")
     assert seen["counts"] == f"{int(card['score'] >= threshold)} of 1 anomalous"

@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 import cv2
 import numpy as np
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
@@ -272,9 +272,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return jobs.stop(job_id).status()
 
     @app.exception_handler(DmddError)
-    async def dmdd_error(_: Request, exc: DmddError):
-        from fastapi.responses import JSONResponse
-
+    async def dmdd_error(_: Request, exc: DmddError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
     return app

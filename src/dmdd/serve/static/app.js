@@ -58,10 +58,19 @@ function render() {
     const card = document.createElement("figure");
     card.className = "card" + (anomalous ? " anomalous" : "");
     card.dataset.name = r.name;
-    card.innerHTML = `<img alt="overlay of ${r.name}" src="data:image/png;base64,${r.overlay_png}">
+    card.innerHTML = `<img alt="overlay of ${r.name}" title="click: overlay / mask" class="overlay"
+      src="data:image/png;base64,${r.overlay_png}">
       <figcaption><div class="name"></div><span class="score">${r.score.toFixed(3)}</span>
       <span class="decision">${anomalous ? "anomalous" : "good"}</span></figcaption>`;
     card.querySelector(".name").textContent = r.name;
+    const img = card.querySelector("img");
+    img.addEventListener("click", () => {  // the binary mask at the pixel threshold, and back
+      if (!r.mask_png) return;
+      const toMask = img.classList.contains("overlay");
+      img.src = "data:image/png;base64," + (toMask ? r.mask_png : r.overlay_png);
+      img.className = toMask ? "mask" : "overlay";
+      img.alt = (toMask ? "mask of " : "overlay of ") + r.name;
+    });
     return card;
   }));
 }
@@ -95,6 +104,23 @@ $("folder-form").addEventListener("submit", async (e) => {
     status(`${body.results.length} image(s) scored` + (body.failed.length ? `, ${body.failed.length} unreadable` : ""));
   } catch (err) { status(err.message, true); }
 });
+
+// folder suggestions: the sub-folders of what has been typed so far (GET /folders, confined to the data root)
+async function suggestFolders(e) {
+  const typed = e.target.value, parent = typed.includes("/") ? typed.slice(0, typed.lastIndexOf("/")) : "";
+  try {
+    const body = await api("folders?path=" + encodeURIComponent(parent));
+    $("folder-list").replaceChildren(...body.folders.map((f) => {
+      const option = document.createElement("option");
+      option.value = parent ? `${parent}/${f}` : f;
+      return option;
+    }));
+  } catch (err) { $("folder-list").replaceChildren(); }
+}
+for (const id of ["folder-input", "train-folder"]) {
+  $(id).addEventListener("focus", suggestFolders);
+  $(id).addEventListener("input", suggestFolders);
+}
 
 $("threshold").addEventListener("input", (e) => { threshold = parseFloat(e.target.value); render(); });
 $("reset-threshold").addEventListener("click", () => { threshold = modelThreshold; render(); });
