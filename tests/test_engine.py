@@ -368,3 +368,17 @@ def test_a_roll_back_puts_the_average_into_the_training_weights_and_restarts_ada
     assert payload["optimizer_student"]["state"] == {}
     history = [row for row in payload["history"] if "rollbacks" in row]
     assert sum(row["rollbacks"] for row in history) == payload["step"] > 0
+
+
+def test_demo_sets_aside_a_checkpoint_of_another_model_configuration_and_keeps_its_own(tiny_tree, tmp_path):
+    from dmdd.demo import set_aside_other_model
+
+    cfg = tiny_config(tiny_tree)
+    fit(cfg, tmp_path / "demo", progress=False)
+    assert set_aside_other_model(tmp_path / "demo", cfg) is None  # its own run: resumed, untouched
+    assert (tmp_path / "demo" / "last.pt").is_file()
+    other = cfg.replace(model={"global_stages": [1, 2, 3, 4]})  # as an earlier dmdd's defaults
+    aside = set_aside_other_model(tmp_path / "demo", other)
+    assert aside == tmp_path / "demo" / "last.previous.pt" and aside.is_file()
+    assert not (tmp_path / "demo" / "last.pt").exists() and not (tmp_path / "demo" / "train_log.jsonl").exists()
+    fit(other, tmp_path / "demo", resume=True, progress=False)  # trains afresh instead of refusing to resume

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dmdd.checkpoint import restore_model
+from dmdd.checkpoint import load_checkpoint, restore_model
 from dmdd.config import Config
 from dmdd.data.datasets import load_category
 from dmdd.demo_data import make_demo_dataset
@@ -26,6 +26,20 @@ def demo_config(data_root: Path, epochs: int, seed: int, device: str) -> Config:
     )
 
 
+def set_aside_other_model(out: Path, cfg: Config) -> Path | None:
+    """The demo resumes its own run; a ``last.pt`` there with another model configuration (written by an earlier
+    dmdd, whose defaults differed) is renamed to ``last.previous.pt`` so that the demo trains again. Returns the
+    new name, or None when nothing was set aside."""
+    ckpt = out / "last.pt"
+    if not ckpt.is_file() or load_checkpoint(ckpt)["config"]["model"] == cfg.to_dict()["model"]:
+        return None
+    aside = ckpt.with_name("last.previous.pt")
+    ckpt.replace(aside)
+    (out / "train_log.jsonl").unlink(missing_ok=True)
+    print(f"{ckpt} holds another model configuration (an earlier dmdd?): kept as {aside.name}, training again")
+    return aside
+
+
 def run_demo(out: Path, epochs: int = 15, seed: int = 0, device: str = "auto", threads: int | None = None) -> Path:
     """Generate the built-in dataset, train, evaluate, write ``out/test/report.html``; returns the report path."""
     if threads:
@@ -35,6 +49,7 @@ def run_demo(out: Path, epochs: int = 15, seed: int = 0, device: str = "auto", t
         make_demo_dataset(data_root, "metal", size=DEMO_SIZE, train=64, test_good=16, test_per_defect=8, seed=seed)
     print(f"built-in dataset: {data_root / 'metal'} (brushed metal; scratch, spot, contamination)")
     cfg = demo_config(data_root, epochs, seed, device)
+    set_aside_other_model(out, cfg)
     ckpt = fit(cfg, out, resume=True)
     model, payload = restore_model(ckpt, select_device(device))
     test = load_category(data_root, "metal").test
