@@ -33,8 +33,8 @@ from dmdd.data.datasets import PairDataset  # noqa: E402
 from dmdd.data.foreground import ForegroundCache  # noqa: E402
 from dmdd.data.synthesis import AnomalySynthesizer  # noqa: E402
 from dmdd.distributed import DistContext, SegmentationObjective  # noqa: E402
-from dmdd.engine import split_holdout, train_segmentation_epoch  # noqa: E402
-from dmdd.evaluation import calibrate, fit_global_score, fit_map_statistics  # noqa: E402
+from dmdd.engine import resolve_regional_score, split_holdout, train_segmentation_epoch  # noqa: E402
+from dmdd.evaluation import calibrate, fit_global_score, fit_map_statistics, fit_regional_score  # noqa: E402
 from dmdd.models import DMDD  # noqa: E402
 
 
@@ -43,18 +43,20 @@ def refit(checkpoint: Path, overrides: dict, out: Path, threads: int) -> dict:
     payload = load_checkpoint(checkpoint)
     base = config_of(payload, checkpoint)
     cfg = base.replace(**overrides)
-    model = DMDD(dataclasses.replace(cfg.model, pretrained=False, weights=None))
-    fitted_here = ("segmentation.", "map_", "global_score.")
-    kept = {k: v for k, v in payload["model"].items() if not k.startswith(fitted_here)}
-    missing, unexpected = model.load_state_dict(kept, strict=False)
-    assert not unexpected and all(k.startswith(fitted_here) for k in missing), (missing, unexpected)
-    device = torch.device("cpu")
     category = load_category(cfg.data.root, cfg.data.category, cfg.data.layout)
     train, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
     pairs = PairDataset(train, cfg.model.image_size, AnomalySynthesizer(cfg.synthesis), cfg.train.seed,
                         ForegroundCache(cfg.synthesis), cfg.model.resize)  # fmt: skip
+    cfg = resolve_regional_score(cfg, pairs.policy)
+    model = DMDD(dataclasses.replace(cfg.model, pretrained=False, weights=None))
+    fitted_here = ("segmentation.", "map_", "global_score.", "regional.")
+    kept = {k: v for k, v in payload["model"].items() if not k.startswith(fitted_here)}
+    missing, unexpected = model.load_state_dict(kept, strict=False)
+    assert not unexpected and all(k.startswith(fitted_here) for k in missing), (missing, unexpected)
+    device = torch.device("cpu")
     start = time.perf_counter()
     fit_global_score(model, train, cfg, device)
+    fit_regional_score(model, train, cfg, device)
     fit_map_statistics(model, holdout or train, cfg, device)
     epochs = int(payload["epoch"])
     if model.segmentation is not None:

@@ -90,6 +90,11 @@ class ModelConfig:
         global_stages: the teacher stages whose pooled features the global score uses; the first is left out by
             default (*chosen*: its channel means are colour and brightness statistics, the weakest evidence on both
             development sets and the one most moved by a change of capture session, docs/deviations.md).
+        regional_score: a regional texture-statistics map added to the anomaly map (window means and standard
+            deviations of teacher stages 2-3 scored against one Gaussian of training windows, see
+            :mod:`dmdd.models.regional`): ``auto`` (default) turns it on when the synthesis' foreground policy finds
+            a texture and off for objects (the resolved value is what the checkpoint stores), ``on``, or ``off``
+            (the paper's maps alone). Deviation, docs/deviations.md.
         student_bn_frozen: keep the student's BatchNorm statistics at their pretrained values
             (affine parameters still train). *(chosen)*: keeps student = teacher at initialisation,
             is robust to small batches and needs no SyncBatchNorm under DDP.
@@ -120,6 +125,7 @@ class ModelConfig:
     image_score: str = "top_k"
     global_score: str = "mean"
     global_stages: tuple[int, ...] = (2, 3, 4)
+    regional_score: str = "auto"
     student_bn_frozen: bool = True
     map_normalization: bool = True
     msn_residual: bool = True
@@ -143,6 +149,8 @@ class ModelConfig:
             raise ConfigError(f"model.image_score must be top_k|max, got {self.image_score!r}")
         if self.global_score not in ("off", "mean", "mean_std"):
             raise ConfigError(f"model.global_score must be off|mean|mean_std, got {self.global_score!r}")
+        if self.regional_score not in ("auto", "on", "off"):
+            raise ConfigError(f"model.regional_score must be auto|on|off, got {self.regional_score!r}")
         if self.top_k < 1 or self.seg_channels < 1:
             raise ConfigError("model.top_k and model.seg_channels must be >= 1")
 

@@ -38,7 +38,7 @@ from dmdd.distributed import (
     wrap,
 )
 from dmdd.errors import CheckpointError, DmddError, TrainingDivergedError
-from dmdd.evaluation import calibrate, fit_global_score, fit_map_statistics, preload_images
+from dmdd.evaluation import calibrate, fit_global_score, fit_map_statistics, fit_regional_score, preload_images
 from dmdd.models.dmdd import DMDD
 from dmdd.stability import SpikeGuard
 
@@ -292,6 +292,14 @@ def fit(
         close_distributed(ctx)
 
 
+def resolve_regional_score(cfg: Config, policy: str) -> Config:
+    """``model.regional_score: auto`` becomes ``on`` for a texture (the synthesis' foreground ``policy``) and
+    ``off`` for an object; the checkpoint stores the resolved value, so a resumed run matches it."""
+    if cfg.model.regional_score != "auto":
+        return cfg
+    return cfg.replace(model={"regional_score": "on" if policy == "texture" else "off"})
+
+
 def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progress: bool, ctx: DistContext) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "last.pt"
@@ -303,6 +311,11 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     if ctx.active and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     torch.manual_seed(cfg.train.seed)
+    train_records, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
+    synthesizer = AnomalySynthesizer(cfg.synthesis)
+    pairs = PairDataset(train_records, cfg.model.image_size, synthesizer, cfg.train.seed,
+                        ForegroundCache(cfg.synthesis), cfg.model.resize)  # fmt: skip
+    cfg = resolve_regional_score(cfg, pairs.policy)
     model = DMDD(cfg.model).to(device, memory_format=_memory_format(cfg))
     student_opt, seg_opt = build_optimizers(model, cfg)
     state = TrainState()
@@ -317,10 +330,6 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     model.train()
     if ctx.is_main:
         save_config(cfg, out / "config.yaml")
-    train_records, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
-    synthesizer = AnomalySynthesizer(cfg.synthesis)
-    pairs = PairDataset(train_records, cfg.model.image_size, synthesizer, cfg.train.seed,
-                        ForegroundCache(cfg.synthesis), cfg.model.resize)  # fmt: skip
     seg_steps = _segmentation_steps(pairs, cfg, ctx) if seg_obj is not None else 0
     loader = _loader(pairs, cfg, state.epoch, 0, ctx, device, epochs=None)  # one stream for every epoch
     student_steps = loader.batch_sampler.steps_per_epoch
@@ -332,6 +341,8 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     stats_images = preload_images(stats_records, cfg) if len(stats_records) <= PRELOAD_MAX else stats_records
     if model.global_score is not None and not model.global_score.gaussian_fitted:  # the frozen teacher's, once
         fit_global_score(model, train_records, cfg, device)
+    if model.regional is not None and not model.regional.gaussian_fitted:
+        fit_regional_score(model, train_records, cfg, device)
     batches = iter(loader)
     try:
         with _graceful_signals():
@@ -342,7 +353,7 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
                                           ctx, state, average, guard)  # fmt: skip
                 log["student_seconds"] = round(time.perf_counter() - start, 2)
                 with _weights_for_maps(average, guard) as extra:  # statistics, head and files: the map weights
-                    if model.cfg.map_normalization or model.global_score is not None:
+                    if model.cfg.map_normalization or model.global_score is not None or model.regional is not None:
                         fit_map_statistics(model, stats_images, cfg, device)
                     if seg_obj is not None:
                         seg_start = time.perf_counter()

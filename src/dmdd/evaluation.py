@@ -19,7 +19,7 @@ from dmdd.data.datasets import AnomalyDataset, PairDataset, Record
 from dmdd.data.foreground import ForegroundCache
 from dmdd.data.io import read_image
 from dmdd.data.synthesis import AnomalySynthesizer
-from dmdd.models.dmdd import DMDD
+from dmdd.models.dmdd import DMDD, Features
 from dmdd.visualize import heatmap_panel
 
 CALIBRATION_STREAM = 10_000  # rng stream of the synthetic anomalies used for calibration
@@ -109,8 +109,9 @@ def fit_map_statistics(
     """Set ``model.map_mean`` / ``model.map_std`` to each map's mean and standard deviation over every pixel of
     the given good images (held-out training images: no test data; records, or :func:`preload_images` of them), and
     the residual head's ``sum_weights`` so that its base is the plain sum of its input maps (standardised maps when
-    ``model.map_normalization``), itself standardised on the same pixels. With ``model.global_score`` fitted, also
-    the standardisation of the map's image score. Returns (mean (K,), std (K,))."""
+    ``model.map_normalization``), itself standardised on the same pixels. With ``model.regional`` fitted, also the
+    pixel statistics that add its map to the model's; with ``model.global_score`` fitted, the standardisation of
+    the map's image score. Returns (mean (K,), std (K,))."""
     was_training = model.training
     model.eval()
     total = torch.zeros(model.num_maps, dtype=torch.float64)
@@ -132,12 +133,52 @@ def fit_map_statistics(
         a = 1.0 / std if model.cfg.map_normalization else torch.ones_like(std)  # the head's input is a * (m - mu)
         plain_std = abs(float(a @ covariance @ a)) ** 0.5
         head.sum_weights.fill_(1.0 / max(plain_std, 1e-6))
+    regional = model.regional is not None and model.regional.gaussian_fitted > 0
+    if regional:  # the pixel statistics of the model's map (it changed with the maps above) and the regional map
+        sums, pixels = torch.zeros(2, 2, dtype=torch.float64), 0  # (model, regional) x (sum, sum of squares)
+        for feats, size in _feature_batches(model, images, cfg, device, batch_size):
+            plain = model.fused_map(model.stack(*model.stage_maps(feats), size)).double()
+            other = model.smooth(model.regional.raw_map(feats.teacher, size)).double()
+            sums += torch.stack([torch.stack([m.sum(), (m * m).sum()]) for m in (plain, other)]).cpu()
+            pixels += plain.numel()
+        means = sums[:, 0] / pixels
+        stds = (sums[:, 1] / pixels - means**2).clamp_min(0).sqrt()
+        model.regional.fit_pixel_stats((float(means[0]), float(stds[0])), (float(means[1]), float(stds[1])))
     if model.global_score is not None and model.global_score.gaussian_fitted > 0:
-        map_scores = [model.fuse(model.stacked_maps(batch.to(device))).pred_score.cpu()
-                      for batch in _image_batches(images, cfg, batch_size)]  # fmt: skip
-        model.global_score.fit_score_stats(torch.cat(map_scores))
+        map_scores = [model.map_score(model.fused_map(model.stack(*model.stage_maps(feats), size), feats.teacher))
+                      for feats, size in _feature_batches(model, images, cfg, device, batch_size)]  # fmt: skip
+        model.global_score.fit_score_stats(torch.cat(map_scores).cpu())
     model.train(was_training)
     return mean.float(), std.float()
+
+
+def _feature_batches(model: DMDD, images: list[Record] | torch.Tensor, cfg: Config, device: torch.device,
+                     batch_size: int) -> Iterator[tuple[Features, tuple[int, int]]]:  # fmt: skip
+    """(features, input size) of each batch of ``images``."""
+    for batch in _image_batches(images, cfg, batch_size):
+        yield model.features(batch.to(device)), tuple(batch.shape[-2:])
+
+
+@torch.inference_mode()
+def fit_regional_score(model: DMDD, records: list[Record], cfg: Config, device: torch.device, per_image: int = 24,
+                       batch_size: int = 16) -> dict[int, float]:  # fmt: skip
+    """Fit ``model.regional``'s Gaussians to ``per_image`` window vectors drawn at random positions of each of the
+    training images ``records`` (generator seeded by ``cfg.train.seed``; the teacher is frozen, so this needs no
+    training). Returns the Ledoit-Wolf shrinkage per stage."""
+    if model.regional is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    vectors: dict[int, list[torch.Tensor]] = {s: [] for s in model.regional.windows}
+    for batch in _image_batches(records, cfg, batch_size):
+        teacher = model.teacher_features(model.normalize(batch.to(device)))
+        for stage, v in model.regional.window_vectors(teacher).items():
+            pick = torch.randint(0, v.shape[1], (v.shape[0], per_image), generator=gen).to(v.device)
+            vectors[stage].append(torch.gather(v, 1, pick[..., None].expand(-1, -1, v.shape[2])).flatten(0, 1).cpu())
+    shrinkage = model.regional.fit({s: torch.cat(v) for s, v in vectors.items()})
+    model.train(was_training)
+    return shrinkage
 
 
 @torch.inference_mode()

@@ -12,6 +12,7 @@ from dmdd.config import ModelConfig
 from dmdd.losses import cosine_distance
 from dmdd.models.backbone import Backbone, build_backbone
 from dmdd.models.global_score import FeatureGaussian
+from dmdd.models.regional import RegionalGaussian
 from dmdd.models.segmentation import SegmentationHead, gaussian_blur, pyramid_upsample, top_k_score
 from dmdd.models.student import DecoupledStudent, PyramidModelingNetwork
 
@@ -86,6 +87,8 @@ class DMDD(nn.Module):
         self.global_score = None
         if cfg.global_score != "off":
             self.global_score = FeatureGaussian(backbone.channels, cfg.global_score, cfg.global_stages)
+        # Regional texture-statistics map (fitted by dmdd.evaluation.fit_regional_score; the engine resolves "auto").
+        self.regional = RegionalGaussian(backbone.channels) if cfg.regional_score != "off" else None
         self.train()
 
     def train(self, mode: bool = True) -> DMDD:
@@ -162,13 +165,22 @@ class DMDD(nn.Module):
         """Gaussian smoothing of the final (B, 1, S, S) map (``cfg.map_sigma``, 0 = none)."""
         return gaussian_blur(anomaly_map, self.cfg.map_sigma) if self.cfg.map_sigma > 0 else anomaly_map
 
-    def fuse(self, stacked: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> InferenceOutput:
-        """Eval-mode fusion of the (B, K, S, S) stacked maps into the anomaly map and the image score; with the
-        teacher features and ``cfg.global_score`` on, the score also weighs the global one (see :meth:`map_score`)."""
+    def fused_map(self, stacked: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Eval-mode fusion of the (B, K, S, S) stacked maps into the (B, 1, S, S) anomaly map; with the teacher
+        features and ``cfg.regional_score`` fitted, plus the regional map (:mod:`dmdd.models.regional`)."""
         if self.segmentation is None:
-            anomaly_map = self.smooth(stacked.sum(dim=1, keepdim=True))  # (B, 1, S, S), "w/o MSN"
+            anomaly_map = self.smooth(stacked.sum(dim=1, keepdim=True))  # "w/o MSN"
         else:
             anomaly_map = self.smooth(torch.sigmoid(self.segmentation(stacked)))
+        if self.regional is not None and teacher is not None:
+            regional = self.smooth(self.regional.raw_map(teacher, anomaly_map.shape[-2:]))
+            anomaly_map = self.regional.combine(anomaly_map, regional)
+        return anomaly_map
+
+    def fuse(self, stacked: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> InferenceOutput:
+        """Eval-mode anomaly map (:meth:`fused_map`) and image score; with the teacher features and
+        ``cfg.global_score`` on, the score also weighs the global one (see :meth:`map_score`)."""
+        anomaly_map = self.fused_map(stacked, teacher)
         score = self.map_score(anomaly_map)
         if self.global_score is not None and teacher is not None:
             score = self.global_score.combine(score, teacher)

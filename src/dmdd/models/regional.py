@@ -1,0 +1,94 @@
+"""A regional texture-statistics map for textures (a deviation from DESIGN §6, see docs/deviations.md).
+
+DMDD's maps compare student and teacher feature by feature with a cosine distance; on textures a defect can change
+an area's *statistics* a little without changing any single feature's direction much (magnetic_tile's "uneven"
+tiles). Here the frozen teacher's features of stages 2 and 3 are summarised around every position by their
+per-channel mean and standard deviation over a k x k window, and each window is scored by its Mahalanobis distance
+to one Gaussian (Ledoit-Wolf shrinkage) of windows sampled from the training images, positions pooled: a texture
+looks alike everywhere, so no alignment is assumed (on objects it would mix background and part, which is why the
+engine fits it only where the foreground policy says "texture"). The per-stage distance maps are upsampled and
+summed; the model's map and this one, each standardised by its pixel mean and standard deviation over the held-out
+good images, are added.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dmdd.models.global_score import _inverse, ledoit_wolf
+
+# stage (1-based) -> window side in that stage's cells: 7 x 8 px at stage 2, 5 x 16 px at stage 3 (benchmarks/
+# regional_probe.py measured these on magnetic_tile and tire)
+WINDOWS = {2: 7, 3: 5}
+
+
+def local_stats(f: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 2C, H, W): per-channel mean and standard deviation over the k x k window around each
+    position (windows cut at the border, padding not counted)."""
+    f = f.float()
+    mean = F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
+    square = F.avg_pool2d(f * f, k, stride=1, padding=k // 2, count_include_pad=False)
+    return torch.cat([mean, (square - mean**2).clamp_min(0).sqrt()], 1)
+
+
+class RegionalGaussian(nn.Module):
+    """One Gaussian of window statistics per stage, and the standardisation that adds its map to the model's.
+
+    Args:
+        channels: the teacher's channels per stage.
+        windows: stage (1-based) -> window side in cells.
+    """
+
+    def __init__(self, channels: tuple[int, ...], windows: dict[int, int] | None = None) -> None:
+        super().__init__()
+        self.windows = dict(WINDOWS if windows is None else windows)
+        for stage in self.windows:
+            d = 2 * channels[stage - 1]
+            self.register_buffer(f"loc{stage}", torch.zeros(d))
+            self.register_buffer(f"precision{stage}", torch.eye(d))
+        # pixel mean and std over held-out good images of the model's map, then of this map (both smoothed)
+        self.register_buffer("pixel_stats", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+        self.register_buffer("gaussian_fitted", torch.zeros(()))
+        self.register_buffer("fitted", torch.zeros(()))  # pixel_stats set: the maps are combined
+
+    def window_vectors(self, teacher: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Per stage, (B, H * W, 2C) window statistics at every position."""
+        return {s: local_stats(teacher[s - 1], k).flatten(2).transpose(1, 2) for s, k in self.windows.items()}
+
+    @torch.no_grad()
+    def fit(self, vectors: dict[int, torch.Tensor]) -> dict[int, float]:
+        """Fit each stage's Gaussian to (N, 2C) sampled window vectors; returns the shrinkage per stage."""
+        shrinkage = {}
+        for stage, v in vectors.items():
+            loc, cov, a = ledoit_wolf(v.double().cpu())
+            getattr(self, f"loc{stage}").copy_(loc.float())
+            getattr(self, f"precision{stage}").copy_(_inverse(cov).float())
+            shrinkage[stage] = a
+        self.gaussian_fitted.fill_(1.0)
+        return shrinkage
+
+    def raw_map(self, teacher: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """(B, 1, *size): the sum over stages of the windows' Mahalanobis distances, upsampled bilinearly."""
+        total = None
+        for stage, v in self.window_vectors(teacher).items():
+            diff = v - getattr(self, f"loc{stage}")
+            d = ((diff @ getattr(self, f"precision{stage}")) * diff).sum(-1).clamp_min(0).sqrt()
+            h, w = teacher[stage - 1].shape[-2:]
+            d = F.interpolate(d.view(-1, 1, h, w), size=size, mode="bilinear", align_corners=False)
+            total = d if total is None else total + d
+        return total
+
+    @torch.no_grad()
+    def fit_pixel_stats(self, model_map: tuple[float, float], regional_map: tuple[float, float]) -> None:
+        """(mean, std) of the model's smoothed map and of this smoothed map over held-out good pixels."""
+        stats = [model_map[0], max(model_map[1], 1e-6), regional_map[0], max(regional_map[1], 1e-6)]
+        self.pixel_stats.copy_(torch.tensor(stats))
+        self.fitted.fill_(1.0)
+
+    def combine(self, model_map: torch.Tensor, regional_map: torch.Tensor) -> torch.Tensor:
+        """The sum of the two standardised maps once fitted, else the model's map unchanged."""
+        m_mean, m_std, r_mean, r_std = self.pixel_stats.unbind()
+        combined = (model_map - m_mean) / m_std + (regional_map - r_mean) / r_std
+        return torch.where(self.fitted > 0, combined, model_map)
