@@ -34,3 +34,10 @@ def test_invalid_options_name_the_option(raw, message):
 def test_replace_changes_only_the_given_fields():
     cfg = Config().replace(train={"epochs": 7})
     assert cfg.train.epochs == 7 and cfg.train.lr == Config().train.lr
+
+
+def test_unquoted_on_and_off_in_yaml_mean_the_words(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  regional_score: on\n  global_score: off\n")
+    cfg = load_config(path)
+    assert cfg.model.regional_score == "on" and cfg.model.global_score == "off"

@@ -21,7 +21,9 @@ def _coerce_fields(obj: object) -> None:
     """Check and convert option values by their annotated type.
 
     YAML reads ``1e-4`` as a string and ``5`` as an int; a float option accepts both numbers and numeric strings, an
-    int option only whole numbers, a bool option only true/false. Anything else is a ``ConfigError`` naming the option.
+    int option only whole numbers, a bool option only true/false. YAML also reads an unquoted ``on`` / ``off`` as a
+    boolean: a text option takes them back as ``"on"`` / ``"off"``. Anything else is a ``ConfigError`` naming the
+    option.
     """
     section = type(obj).__name__.removesuffix("Config").lower() or "config"
     for f in fields(obj):
@@ -39,6 +41,8 @@ def _coerce_fields(obj: object) -> None:
                 raise ConfigError(f"{name} must be a whole number, got {value!r}")
         elif kind == "bool" and not isinstance(value, bool):
             raise ConfigError(f"{name} must be true or false, got {value!r}")
+        elif kind.startswith("str") and isinstance(value, bool):
+            value = "on" if value else "off"
         object.__setattr__(obj, f.name, value)
 
 

@@ -31,7 +31,12 @@ def set_aside_other_model(out: Path, cfg: Config) -> Path | None:
     dmdd, whose defaults differed) is renamed to ``last.previous.pt`` so that the demo trains again. Returns the
     new name, or None when nothing was set aside."""
     ckpt = out / "last.pt"
-    if not ckpt.is_file() or load_checkpoint(ckpt)["config"]["model"] == cfg.to_dict()["model"]:
+    if not ckpt.is_file():
+        return None
+    stored, wanted = load_checkpoint(ckpt)["config"]["model"], cfg.to_dict()["model"]
+    if wanted["regional_score"] == "auto":  # the run stores it resolved by the data (the same data here)
+        wanted["regional_score"] = stored.get("regional_score", "auto")
+    if stored == wanted:
         return None
     aside = ckpt.with_name("last.previous.pt")
     ckpt.replace(aside)
