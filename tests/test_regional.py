@@ -78,6 +78,11 @@ def test_training_on_a_texture_fits_it_and_a_patch_of_other_statistics_stands_ou
         before = g.raw_map(model.teacher_features(model.normalize(good)), (64, 64))
         after = g.raw_map(model.teacher_features(model.normalize(changed)), (64, 64))
     assert (after[:, :, 28:36, 28:36].amin(dim=(1, 2, 3)) > before.amax(dim=(1, 2, 3))).all()
+    with torch.no_grad():  # one smoothing of the standardised sum = the sum of the two smoothed, standardised maps
+        feats = model.features(good)
+        stacked = model.stack(*model.stage_maps(feats), (64, 64))
+        separately = g.combine(model.fused_map(stacked), model.smooth(g.raw_map(feats.teacher, (64, 64))))
+        torch.testing.assert_close(model.fused_map(stacked, feats.teacher), separately, rtol=1e-4, atol=1e-3)
 
 
 def test_auto_leaves_it_out_for_objects_and_old_checkpoints_load_without_it(tiny_tree, tmp_path):

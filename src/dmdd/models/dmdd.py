@@ -169,13 +169,15 @@ class DMDD(nn.Module):
         """Eval-mode fusion of the (B, K, S, S) stacked maps into the (B, 1, S, S) anomaly map; with the teacher
         features and ``cfg.regional_score`` fitted, plus the regional map (:mod:`dmdd.models.regional`)."""
         if self.segmentation is None:
-            anomaly_map = self.smooth(stacked.sum(dim=1, keepdim=True))  # "w/o MSN"
+            anomaly_map = stacked.sum(dim=1, keepdim=True)  # "w/o MSN"
         else:
-            anomaly_map = self.smooth(torch.sigmoid(self.segmentation(stacked)))
+            anomaly_map = torch.sigmoid(self.segmentation(stacked))
         if self.regional is not None and teacher is not None:
-            regional = self.smooth(self.regional.raw_map(teacher, anomaly_map.shape[-2:]))
-            anomaly_map = self.regional.combine(anomaly_map, regional)
-        return anomaly_map
+            # the smoothing is linear and keeps constants (replicated borders): smoothing the standardised sum once
+            # equals summing the two smoothed maps standardised by their (smoothed) pixel statistics; two separate
+            # smoothings added up were miscompiled by OpenVINO 2026.4 (it returned one of the two addends)
+            anomaly_map = self.regional.combine(anomaly_map, self.regional.raw_map(teacher, anomaly_map.shape[-2:]))
+        return self.smooth(anomaly_map)
 
     def fuse(self, stacked: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> InferenceOutput:
         """Eval-mode anomaly map (:meth:`fused_map`) and image score; with the teacher features and
