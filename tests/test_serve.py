@@ -18,6 +18,7 @@ from PIL import Image
 from dmdd.checkpoint import restore_model
 from dmdd.data.io import decode_image, read_image
 from dmdd.engine import fit
+from dmdd.errors import DmddError
 from dmdd.export import export_onnx
 from dmdd.geometry import to_square
 from dmdd.predict import Predictor
@@ -272,7 +273,7 @@ def test_cli_serve_runs_uvicorn_with_the_options_and_warns_when_open_without_a_t
     monkeypatch.setenv("DMDD_SERVE_TOKEN", "from-env")
     assert main(["serve", str(served["ckpt"]), "--port", "8123", "--device", "cpu"]) == 0
     app, kw = calls[-1]
-    assert kw["host"] == "127.0.0.1" and kw["port"] == 8123 and app.state.settings.token == "from-env"
+    assert kw["host"] == "127.0.0.1" and kw["port"] == 8123 and app.state.server.settings.token == "from-env"
     assert "warning" not in capsys.readouterr().err
     monkeypatch.delenv("DMDD_SERVE_TOKEN")
     assert main(["serve", str(served["ckpt"]), "--host", "0.0.0.0", "--device", "cpu"]) == 0
@@ -287,3 +288,13 @@ def test_cli_serve_without_the_serve_extra_says_how_to_install_it(monkeypatch, c
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
     assert main(["serve"]) == 2
     assert "pip install 'dmdd[serve]'" in capsys.readouterr().err
+
+
+def test_models_are_named_after_their_folder_or_by_name_and_a_clash_is_an_error(served, tmp_path):
+    copy = tmp_path / "run" / "last.pt"  # another file whose folder is also called "run"
+    copy.parent.mkdir()
+    copy.write_bytes(served["ckpt"].read_bytes())
+    with pytest.raises(DmddError, match="two models are named 'run'"):
+        create_app(ServeSettings(models=[served["ckpt"], copy], device="cpu"))
+    c = client(served, models=[served["ckpt"], f"copy={copy}"])
+    assert [m["name"] for m in c.get("/models").json()["models"]] == ["run", "copy"]

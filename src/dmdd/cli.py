@@ -119,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="inspection web app and HTTP API (needs pip install 'dmdd[serve]')",
                        description="Serve models over HTTP with a browser app: drop images, see heat maps, move the "
                        "threshold, train on a folder of good images. API docs at http://HOST:PORT/docs.")  # fmt: skip
-    p.add_argument("models", nargs="*", help="checkpoints (last.pt) or exported .onnx files; the first is active")
+    p.add_argument(
+        "models",
+        nargs="*",
+        help="checkpoints (last.pt) or exported .onnx files, each PATH or NAME=PATH; the first is active",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--data-root", help="the only server-side folder tree the app may read (inspection, training)")

@@ -22,6 +22,10 @@ class ImageReadError(DmddError):
         self.reason = reason
 
 
+class ImageTooLargeError(ImageReadError):
+    """An image with more pixels than a set limit (read from its header, before decoding)."""
+
+
 class BackboneError(DmddError):
     """An unknown backbone name, unavailable weights, or a weights file for another architecture."""
 

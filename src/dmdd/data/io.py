@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dmdd.errors import DatasetError, ImageReadError
+from dmdd.errors import DatasetError, ImageReadError, ImageTooLargeError
 from dmdd.geometry import to_square
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -49,7 +49,7 @@ def _open_bytes(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
         raise ImageReadError(name, f"not a readable image ({type(exc).__name__})") from exc
     w, h = image.size
     if max_pixels is not None and w * h > max_pixels:
-        raise ImageReadError(name, f"image is {w}x{h} px, more than the limit of {max_pixels} pixels")
+        raise ImageTooLargeError(name, f"image is {w}x{h} px, more than the limit of {max_pixels} pixels")
     return image
 
 

@@ -21,14 +21,14 @@ from typing import Annotated, Literal
 
 import cv2
 import numpy as np
-from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from dmdd import __version__
 from dmdd.data.io import IMAGE_SUFFIXES, decode_image, list_images, read_image
-from dmdd.errors import DmddError, ImageReadError
+from dmdd.errors import ImageReadError, ImageTooLargeError
 from dmdd.serve.jobs import JobBusy, JobRunner, TrainingJob
 from dmdd.serve.models import Registry, ServedModel
 from dmdd.visualize import overlay
@@ -42,7 +42,8 @@ class ServeSettings:
     """What ``dmdd serve`` is started with.
 
     Attributes:
-        models: checkpoints (``last.pt``) or exported ``.onnx`` files to load; the first is active.
+        models: checkpoints (``last.pt``) or exported ``.onnx`` files to load, each optionally ``NAME=PATH``; the
+            first is active.
         data_root: the only server-side tree the app may read folders from (inspection and training data); None
             turns folder access off.
         runs_dir: where training jobs write their run folders.
@@ -88,191 +89,226 @@ def _overlay(image: np.ndarray, amap: np.ndarray, pixel_threshold: float | None)
     return overlay(image, amap, 0.0, vmax)
 
 
-def create_app(settings: ServeSettings) -> FastAPI:
-    """The FastAPI application; models load at creation, so a bad path fails before the server starts."""
-    registry = Registry(settings.device)
-    for path in settings.models:
-        registry.add(path)
-    data_root = Path(settings.data_root).resolve() if settings.data_root else None
+class Server:
+    """What the endpoints share: settings, loaded models, training jobs, the data root."""
 
-    def job_done(job: TrainingJob, checkpoint: Path) -> None:
-        job.model_name = registry.add(checkpoint, name=job.id).name
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.registry = Registry(settings.device)
+        for spec in settings.models:
+            name, _, path = str(spec).rpartition("=")  # NAME=PATH names a model; PATH alone is named after it
+            self.registry.add(path, name=name or None)
+        self.data_root = Path(settings.data_root).resolve() if settings.data_root else None
+        self.jobs = JobRunner(Path(settings.runs_dir).resolve(), self._job_done, settings.train_args)
 
-    jobs = JobRunner(Path(settings.runs_dir).resolve(), job_done, settings.train_args)
+    def _job_done(self, job: TrainingJob, checkpoint: Path) -> None:
+        job.model_name = self.registry.add(checkpoint, name=job.id).name
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI):
-        yield
-        jobs.shutdown()  # a server that stops takes its training job with it (last checkpoint kept)
-
-    def authorize(request: Request) -> None:
-        if settings.token is None:
-            return
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("token", "")
-        if not secrets.compare_digest(given.encode(), settings.token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    app = FastAPI(title="dmdd", version=__version__, lifespan=lifespan, dependencies=[Depends(authorize)],
-                  description="DMDD anomaly detection: score, inspect folders, train on good images")  # fmt: skip
-    app.state.registry, app.state.jobs, app.state.settings = registry, jobs, settings
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    def model_or_404(name: str | None) -> ServedModel:
+    def model(self, name: str | None) -> ServedModel:
         try:
-            return registry.get(name)
+            return self.registry.get(name)
         except KeyError:
             raise HTTPException(404, f"no model {name!r} is loaded" if name else "no model is loaded") from None
 
-    def confined(folder: str) -> Path:
+    def job(self, job_id: str) -> TrainingJob:
+        if job_id not in self.jobs.jobs:
+            raise HTTPException(404, f"no training job {job_id!r}")
+        return self.jobs.jobs[job_id]
+
+    def folder(self, folder: str) -> Path:
         """A folder under the data root: no '..' and no symlink leads outside it."""
-        if data_root is None:
+        if self.data_root is None:
             raise HTTPException(403, "server-side folders are off: start dmdd serve with --data-root")
-        path = (data_root / folder.lstrip("/")).resolve()
-        if not path.is_relative_to(data_root):
+        path = (self.data_root / folder.lstrip("/")).resolve()
+        if not path.is_relative_to(self.data_root):
             raise HTTPException(403, f"folder {folder!r} lies outside the data root")
         if not path.is_dir():
             raise HTTPException(404, f"folder {folder!r} not found under the data root")
         return path
 
-    def thresholds(model: ServedModel, image_t: float | None, pixel_t: float | None) -> dict:
-        """The request's thresholds, else the model's calibrated ones."""
-        return {"image_threshold": model.image_threshold if image_t is None else image_t,
-                "pixel_threshold": model.pixel_threshold if pixel_t is None else pixel_t}  # fmt: skip
-
-    def rows(model: ServedModel, named: list[tuple[str, np.ndarray]], used: dict, maps: bool) -> list[dict]:
-        """One result per (name, image): score, decision, anomalous area, and the PNGs with ``maps``."""
-        image_t, pixel_t = used["image_threshold"], used["pixel_threshold"]
-        out = []
-        for (name, image), scored in zip(named, model.score([im for _, im in named])):
-            mask = scored.anomaly_map >= pixel_t if pixel_t is not None else None
-            row = {"name": name, "score": scored.score,
-                   "anomalous": None if image_t is None else bool(scored.score >= image_t),
-                   "anomalous_area": None if mask is None else float(mask.mean()),
-                   "width": int(image.shape[1]), "height": int(image.shape[0])}  # fmt: skip
-            if maps:
-                row["overlay_png"] = _png_base64(_overlay(image, scored.anomaly_map, pixel_t))
-                if mask is not None:
-                    row["mask_png"] = _png_base64(mask.astype(np.uint8) * 255)
-            out.append(row)
-        return out
-
-    async def read_upload(upload: UploadFile) -> np.ndarray:
-        name = upload.filename or "upload"
-        data = await upload.read(settings.max_upload_bytes + 1)
-        if len(data) > settings.max_upload_bytes:
-            raise HTTPException(413, f"{name}: larger than the upload limit of {settings.max_upload_bytes} bytes")
+    async def read_upload(self, upload: UploadFile) -> np.ndarray:
+        """An uploaded image as (H, W, 3) uint8 RGB, or a 4xx naming the file."""
+        name, limit = upload.filename or "upload", self.settings.max_upload_bytes
+        data = await upload.read(limit + 1)
+        if len(data) > limit:
+            raise HTTPException(413, f"{name}: larger than the upload limit of {limit} bytes")
         try:
-            return decode_image(data, name, settings.max_pixels)
+            return decode_image(data, name, self.settings.max_pixels)
+        except ImageTooLargeError as exc:
+            raise HTTPException(413, f"{name}: {exc.reason}") from None
         except ImageReadError as exc:
-            status = 413 if "limit" in exc.reason else 415 if "not a readable image" in exc.reason else 400
+            status = 415 if exc.reason.startswith("not a readable image") else 400
             raise HTTPException(status, f"{name}: {exc.reason}") from None
 
-    @app.get("/", include_in_schema=False)
-    def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
 
-    @app.get("/health", summary="liveness, version, active model, running job")
-    def health() -> dict:
-        running = jobs.running()
-        return {"status": "ok", "version": __version__, "active_model": registry.active,
-                "models": len(registry.models), "training_job": running.id if running else None}  # fmt: skip
+def thresholds(model: ServedModel, image_t: float | None, pixel_t: float | None) -> dict:
+    """The request's thresholds, else the model's calibrated ones."""
+    return {"image_threshold": model.image_threshold if image_t is None else image_t,
+            "pixel_threshold": model.pixel_threshold if pixel_t is None else pixel_t}  # fmt: skip
 
-    @app.get("/models", summary="loaded models: backbone, image size, thresholds, training data")
-    def models() -> dict:
-        return {"active": registry.active, "models": [m.info() for m in registry.models.values()]}
 
-    @app.post("/models/{name}/activate", summary="make a loaded model the active one")
-    def activate(name: str) -> dict:
-        model_or_404(name)
-        return registry.activate(name).info()
+def rows(model: ServedModel, named: list[tuple[str, np.ndarray]], used: dict, maps: bool) -> list[dict]:
+    """One result per (name, image): score, decision, anomalous area, and the PNGs with ``maps``."""
+    image_t, pixel_t = used["image_threshold"], used["pixel_threshold"]
+    out = []
+    for (name, image), scored in zip(named, model.score([im for _, im in named])):
+        mask = scored.anomaly_map >= pixel_t if pixel_t is not None else None
+        row = {"name": name, "score": scored.score,
+               "anomalous": None if image_t is None else bool(scored.score >= image_t),
+               "anomalous_area": None if mask is None else float(mask.mean()),
+               "width": int(image.shape[1]), "height": int(image.shape[0])}  # fmt: skip
+        if maps:
+            row["overlay_png"] = _png_base64(_overlay(image, scored.anomaly_map, pixel_t))
+            if mask is not None:
+                row["mask_png"] = _png_base64(mask.astype(np.uint8) * 255)
+        out.append(row)
+    return out
 
-    @app.post("/predict", summary="score uploaded images", response_model=None)
-    async def predict(
-        files: Annotated[list[UploadFile], File(description="one or more images")],
-        threshold: Annotated[float | None, Query(description="image threshold for this request")] = None,
-        pixel_threshold: Annotated[float | None, Query(description="pixel threshold for this request")] = None,
-        map: Annotated[Literal["none", "base64", "png"], Query(description=MAP_HELP)] = "none",
-        model: Annotated[str | None, Query(description="a loaded model's name (default: the active one)")] = None,
-    ) -> dict | Response:
-        if len(files) > settings.max_files:
-            raise HTTPException(413, f"{len(files)} files: at most {settings.max_files} per request")
-        if map == "png" and len(files) != 1:
-            raise HTTPException(400, "map=png returns one image: send exactly one file (or use map=base64)")
-        chosen = model_or_404(model)
-        named = [(f.filename or f"upload-{i}", await read_upload(f)) for i, f in enumerate(files)]
-        used = thresholds(chosen, threshold, pixel_threshold)
-        body = {"model": chosen.name, **used, "results": rows(chosen, named, used, maps=map != "none")}
-        if map == "png":
-            row = body["results"][0]
-            headers = {"X-Dmdd-Score": f"{row['score']:.6g}", "X-Dmdd-Anomalous": str(row["anomalous"]).lower(),
-                       "X-Dmdd-Threshold": str(body["image_threshold"])}  # fmt: skip
-            return Response(base64.b64decode(row["overlay_png"]), media_type="image/png", headers=headers)
-        return body
 
-    @app.get("/folders", summary="sub-folders and image count of a folder under the data root")
-    def folders(path: Annotated[str, Query(description="folder under the data root ('' for the root)")] = "") -> dict:
-        folder = confined(path)
-        subs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        images = sum(1 for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        return {"path": str(folder.relative_to(data_root)), "folders": subs, "images": images}
+def get_server(request: Request) -> Server:
+    return request.app.state.server
 
-    @app.post("/inspect/folder", summary="score the images of a folder under the data root")
-    def inspect_folder(
-        request: FolderRequest,
-        threshold: Annotated[float | None, Query(description="image threshold for this request")] = None,
-        pixel_threshold: Annotated[float | None, Query(description="pixel threshold for this request")] = None,
-        map: Annotated[Literal["none", "base64"], Query(description="base64: overlay and mask PNGs")] = "none",
-        model: Annotated[str | None, Query(description="a loaded model's name (default: the active one)")] = None,
-    ) -> dict:
-        folder = confined(request.folder)
-        chosen = model_or_404(model)
-        paths = [p for p in list_images(folder) if p.resolve().is_relative_to(data_root)][: request.limit]
-        if not paths:
-            raise HTTPException(404, f"folder {request.folder!r} holds no image ({', '.join(IMAGE_SUFFIXES)})")
-        used = thresholds(chosen, threshold, pixel_threshold)
-        results: list[dict] = []
-        failed: list[dict] = []
-        for start in range(0, len(paths), 8):  # batches of 8 keep memory flat on big folders
-            named = []
-            for path in paths[start : start + 8]:
-                name = str(path.relative_to(data_root))
-                try:
-                    named.append((name, read_image(path)))
-                except ImageReadError as exc:
-                    failed.append({"name": name, "error": exc.reason})
-            results += rows(chosen, named, used, map == "base64") if named else []
-        return {"model": chosen.name, **used, "results": results, "failed": failed}
 
-    @app.post("/jobs", status_code=201, summary="start training on a folder of good images (one job at a time)")
-    def start_job(request: JobRequest) -> dict:
-        folder = confined(request.folder)
-        try:
-            job = jobs.start(folder, request.minutes, request.backbone, request.image_size)
-        except JobBusy as exc:
-            raise HTTPException(409, str(exc)) from None
-        return job.status()
+def authorize(request: Request) -> None:
+    """With a token set, every request carries ``Authorization: Bearer <token>`` (or ``?token=`` for the page)."""
+    token = get_server(request).settings.token
+    if token is None:
+        return
+    header = request.headers.get("authorization", "")
+    given = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("token", "")
+    if not secrets.compare_digest(given.encode(), token.encode()):
+        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    @app.get("/jobs", summary="all training jobs of this server")
-    def list_jobs() -> dict:
-        return {"jobs": [j.status() for j in jobs.jobs.values()]}
 
-    def job_or_404(job_id: str) -> TrainingJob:
-        if job_id not in jobs.jobs:
-            raise HTTPException(404, f"no training job {job_id!r}")
-        return jobs.jobs[job_id]
+ServerDep = Annotated[Server, Depends(get_server)]
+ImageThreshold = Annotated[float | None, Query(description="image threshold for this request (default: the model's)")]
+PixelThreshold = Annotated[float | None, Query(description="pixel threshold for this request (default: the model's)")]
+ModelName = Annotated[str | None, Query(description="a loaded model's name (default: the active one)")]
+router = APIRouter()
 
-    @app.get("/jobs/{job_id}", summary="a job's progress: steps, losses, ETA")
-    def job_status(job_id: str) -> dict:
-        return job_or_404(job_id).status()
 
-    @app.post("/jobs/{job_id}/stop", summary="stop a job; its last complete checkpoint is kept")
-    def stop_job(job_id: str) -> dict:
-        job_or_404(job_id)
-        return jobs.stop(job_id).status()
+@router.get("/", include_in_schema=False)
+def index() -> FileResponse:
+    return FileResponse(STATIC / "index.html")
 
-    @app.exception_handler(DmddError)
-    async def dmdd_error(_: Request, exc: DmddError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
 
+@router.get("/health", summary="liveness, version, active model, running job")
+def health(server: ServerDep) -> dict:
+    running = server.jobs.running()
+    return {"status": "ok", "version": __version__, "active_model": server.registry.active,
+            "models": len(server.registry.models), "training_job": running.id if running else None}  # fmt: skip
+
+
+@router.get("/models", summary="loaded models: backbone, image size, thresholds, training data")
+def models(server: ServerDep) -> dict:
+    return {"active": server.registry.active, "models": [m.info() for m in server.registry.models.values()]}
+
+
+@router.post("/models/{name}/activate", summary="make a loaded model the active one")
+def activate(name: str, server: ServerDep) -> dict:
+    server.model(name)
+    return server.registry.activate(name).info()
+
+
+@router.post("/predict", summary="score uploaded images", response_model=None)
+async def predict(
+    server: ServerDep,
+    files: Annotated[list[UploadFile], File(description="one or more images")],
+    threshold: ImageThreshold = None,
+    pixel_threshold: PixelThreshold = None,
+    map: Annotated[Literal["none", "base64", "png"], Query(description=MAP_HELP)] = "none",
+    model: ModelName = None,
+) -> dict | Response:
+    if len(files) > server.settings.max_files:
+        raise HTTPException(413, f"{len(files)} files: at most {server.settings.max_files} per request")
+    if map == "png" and len(files) != 1:
+        raise HTTPException(400, "map=png returns one image: send exactly one file (or use map=base64)")
+    chosen = server.model(model)
+    named = [(f.filename or f"upload-{i}", await server.read_upload(f)) for i, f in enumerate(files)]
+    used = thresholds(chosen, threshold, pixel_threshold)
+    body = {"model": chosen.name, **used, "results": rows(chosen, named, used, maps=map != "none")}
+    if map == "png":
+        row = body["results"][0]
+        headers = {"X-Dmdd-Score": f"{row['score']:.6g}", "X-Dmdd-Anomalous": str(row["anomalous"]).lower(),
+                   "X-Dmdd-Threshold": str(body["image_threshold"])}  # fmt: skip
+        return Response(base64.b64decode(row["overlay_png"]), media_type="image/png", headers=headers)
+    return body
+
+
+@router.get("/folders", summary="sub-folders and image count of a folder under the data root")
+def folders(
+    server: ServerDep, path: Annotated[str, Query(description="folder under the data root ('' for the root)")] = ""
+) -> dict:
+    folder = server.folder(path)
+    subs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    images = sum(1 for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return {"path": str(folder.relative_to(server.data_root)), "folders": subs, "images": images}
+
+
+@router.post("/inspect/folder", summary="score the images of a folder under the data root")
+def inspect_folder(
+    request: FolderRequest,
+    server: ServerDep,
+    threshold: ImageThreshold = None,
+    pixel_threshold: PixelThreshold = None,
+    map: Annotated[Literal["none", "base64"], Query(description="base64: overlay and mask PNGs")] = "none",
+    model: ModelName = None,
+) -> dict:
+    folder, chosen, root = server.folder(request.folder), server.model(model), server.data_root
+    paths = [p for p in list_images(folder) if p.resolve().is_relative_to(root)][: request.limit]
+    if not paths:
+        raise HTTPException(404, f"folder {request.folder!r} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+    used = thresholds(chosen, threshold, pixel_threshold)
+    results: list[dict] = []
+    failed: list[dict] = []
+    for start in range(0, len(paths), 8):  # batches of 8 keep memory flat on big folders
+        named = []
+        for path in paths[start : start + 8]:
+            try:
+                named.append((str(path.relative_to(root)), read_image(path)))
+            except ImageReadError as exc:
+                failed.append({"name": str(path.relative_to(root)), "error": exc.reason})
+        results += rows(chosen, named, used, map == "base64") if named else []
+    return {"model": chosen.name, **used, "results": results, "failed": failed}
+
+
+@router.post("/jobs", status_code=201, summary="start training on a folder of good images (one job at a time)")
+def start_job(request: JobRequest, server: ServerDep) -> dict:
+    folder = server.folder(request.folder)
+    try:
+        return server.jobs.start(folder, request.minutes, request.backbone, request.image_size).status()
+    except JobBusy as exc:
+        raise HTTPException(409, str(exc)) from None
+
+
+@router.get("/jobs", summary="all training jobs of this server")
+def list_jobs(server: ServerDep) -> dict:
+    return {"jobs": [j.status() for j in server.jobs.jobs.values()]}
+
+
+@router.get("/jobs/{job_id}", summary="a job's progress: steps, losses, ETA")
+def job_status(job_id: str, server: ServerDep) -> dict:
+    return server.job(job_id).status()
+
+
+@router.post("/jobs/{job_id}/stop", summary="stop a job; its last complete checkpoint is kept")
+def stop_job(job_id: str, server: ServerDep) -> dict:
+    server.job(job_id)
+    return server.jobs.stop(job_id).status()
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    """The FastAPI application; models load here, so a bad path fails before the server starts."""
+    server = Server(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        server.jobs.shutdown()  # a server that stops takes its training job with it (last checkpoint kept)
+
+    app = FastAPI(title="dmdd", version=__version__, lifespan=lifespan, dependencies=[Depends(authorize)],
+                  description="DMDD anomaly detection: score, inspect folders, train on good images")  # fmt: skip
+    app.state.server = server
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -94,11 +94,13 @@ class Registry:
         self._lock = threading.Lock()
 
     def add(self, path: str | Path, name: str | None = None, activate: bool = False) -> ServedModel:
+        """Load a model; a name already taken by another file is an error (name it with ``NAME=PATH``)."""
         model = load_model(path, self.device, name)
         with self._lock:
-            base, k = model.name, 2
-            while model.name in self.models and self.models[model.name].path != model.path:
-                model.name, k = f"{base}-{k}", k + 1  # two runs both called last.pt: keep both
+            taken = self.models.get(model.name)
+            if taken is not None and taken.path.resolve() != model.path.resolve():
+                raise DmddError(f"two models are named {model.name!r} ({taken.path} and {model.path}): "
+                                f"name them, e.g. {model.name}-2={model.path}")  # fmt: skip
             self.models[model.name] = model
             if activate or self.active is None:
                 self.active = model.name
