@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="the only server-side folder tree the app may read (inspection, training)")
     p.add_argument("--runs-dir", default="runs/serve", help="run folders of training jobs (default runs/serve)")
     p.add_argument("--token", default=os.environ.get("DMDD_SERVE_TOKEN"),
-                   help="require a bearer token on every request (default: $DMDD_SERVE_TOKEN)")  # fmt: skip
+                   help="require a bearer token on every API request (default: $DMDD_SERVE_TOKEN)")  # fmt: skip
     p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest accepted upload in MiB (default 25)")
     p.add_argument("--max-megapixels", type=float, default=50.0, help="largest accepted image (default 50 MP)")
     p.add_argument("--train-threads", type=int, help="torch threads of training jobs (default: torch's choice)")

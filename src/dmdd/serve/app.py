@@ -47,7 +47,8 @@ class ServeSettings:
         data_root: the only server-side tree the app may read folders from (inspection and training data); None
             turns folder access off.
         runs_dir: where training jobs write their run folders.
-        token: when set, every request needs ``Authorization: Bearer <token>`` (or ``?token=`` for the page).
+        token: when set, every request but the static script and style sheet needs ``Authorization: Bearer <token>``
+            (or ``?token=``, for opening the page).
         max_upload_bytes: largest accepted file.
         max_pixels: largest accepted image (width x height, read from the header before decoding).
         max_files: most images per request.
