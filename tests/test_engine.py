@@ -382,3 +382,15 @@ def test_demo_sets_aside_a_checkpoint_of_another_model_configuration_and_keeps_i
     assert aside == tmp_path / "demo" / "last.previous.pt" and aside.is_file()
     assert not (tmp_path / "demo" / "last.pt").exists() and not (tmp_path / "demo" / "train_log.jsonl").exists()
     fit(other, tmp_path / "demo", resume=True, progress=False)  # trains afresh instead of refusing to resume
+
+
+def test_step_log_records_every_student_step_with_the_gradient_against_adams_moments(tiny_tree, tmp_path):
+    cfg = tiny_config(tiny_tree, epochs=2, step_log=True)
+    fit(cfg, tmp_path / "run", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "step_log.jsonl").read_text().splitlines()]
+    history = load_checkpoint(tmp_path / "run" / "last.pt")["history"]
+    assert [r["step"] for r in records] == list(range(history[-1]["step"]))
+    assert records[0]["ratio_max"] == 0 and records[0]["ratio_tensor"] is None  # no Adam history at the first step
+    names = {n for n, _ in restore_model(tmp_path / "run" / "last.pt")[0].named_parameters()}
+    assert all(r["ratio_max"] > 0 and r["ratio_tensor"] in names for r in records[1:])
+    assert all(r["grad_norm"] > 0 and 0 < r["anomaly_area"] < 1 and r["loss"] > 0 for r in records)

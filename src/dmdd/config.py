@@ -235,6 +235,9 @@ class TrainConfig:
         spike_rollback: with ``ema_gate``, after this many gated steps in a row copy the average into the training
             weights and clear Adam's moments, so training continues from before the spike; 0 = off (paper: none).
             Off by default: on a second tire seed it ended 0.9 AU-PRO below the gate alone (results §10).
+        step_log: write ``step_log.jsonl`` beside the checkpoint, one line per student step (losses, gradient norm,
+            the largest RMS(g^2 / v_hat) of a tensor against Adam's second moments and which tensor, the batch's
+            synthetic-anomaly area), to diagnose loss spikes; costs one pass over the gradients per step.
         snapshot_every: also keep a copy of the model every this many student steps (at the end of the epoch that
             crosses the mark) in ``snapshots/`` for learning curves; 0 keeps none.
         batch_size: normal/anomalous pairs per step.
@@ -273,6 +276,7 @@ class TrainConfig:
     update_clip: bool = False
     ema_gate: float = 2.0
     spike_rollback: int = 0
+    step_log: bool = False
     snapshot_every: int = 0
     batch_size: int = 16
     lr: float = 0.005

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -40,7 +41,7 @@ from dmdd.distributed import (
 from dmdd.errors import CheckpointError, DmddError, TrainingDivergedError
 from dmdd.evaluation import calibrate, fit_global_score, fit_map_statistics, fit_regional_score, preload_images
 from dmdd.models.dmdd import DMDD
-from dmdd.stability import SpikeGuard
+from dmdd.stability import SpikeGuard, step_record
 
 PRELOAD_MAX = 1024  # held-out images kept decoded in memory (~0.2 MB each at 256 px) rather than read every epoch
 
@@ -153,12 +154,21 @@ def _check_finite(loss: torch.Tensor, epoch: int, what: str) -> None:
         )
 
 
+class StepLog(list):
+    """Per-step records of one epoch (``train.step_log``), and the names of the model's parameters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.names = {id(p): name for name, p in model.named_parameters()}
+
+
 def train_student_epoch(objective, batches, steps_per_epoch, optimizer, cfg, device, epoch, bar, ctx, state,
-                        average=None, guard=None) -> dict:  # fmt: skip
+                        average=None, guard=None, step_log=None) -> dict:  # fmt: skip
     """One epoch (``steps_per_epoch`` batches from the iterator ``batches``, or what is left of the step budget)
     training student, 1x1 convs and PMN with L_NGM + L_AIM; advances ``state.step`` and folds every step into
     ``average`` (a ``WeightAverage``) if given. ``guard`` (a ``SpikeGuard``) clips out-of-date updates and keeps
-    outlying-loss steps out of the average."""
+    outlying-loss steps out of the average. ``step_log`` (a list, with a ``names`` attribute: parameter id -> name)
+    receives one record per step (``train.step_log``)."""
     sums = {"ngm": 0.0, "aim": 0.0}
     steps = 0
     base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
@@ -178,6 +188,11 @@ def train_student_epoch(objective, batches, steps_per_epoch, optimizer, cfg, dev
         _check_finite(loss, epoch, "student")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if step_log is not None:  # before clipping and the step: the gradient against Adam's current moments
+            step_log.append({"step": state.step, "lr_factor": round(factor, 5), "loss": round(float(loss), 5),
+                             "ngm": round(float(ngm), 5), "aim": round(float(aim), 5),
+                             "anomaly_area": round(float(mask.float().mean()), 5),
+                             **step_record(optimizer, step_log.names)})  # fmt: skip
         if guard is not None:
             guard.clip(optimizer)
         optimizer.step()
@@ -349,8 +364,9 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
             epoch = state.epoch
             while not state.total_steps or state.step < state.total_steps:
                 start, first_step = time.perf_counter(), state.step
+                steps_logged = StepLog(model) if cfg.train.step_log and ctx.is_main else None
                 log = train_student_epoch(student_obj, batches, student_steps, student_opt, cfg, device, epoch, bar,
-                                          ctx, state, average, guard)  # fmt: skip
+                                          ctx, state, average, guard, steps_logged)  # fmt: skip
                 log["student_seconds"] = round(time.perf_counter() - start, 2)
                 with _weights_for_maps(average, guard) as extra:  # statistics, head and files: the map weights
                     if model.cfg.map_normalization or model.global_score is not None or model.regional is not None:
@@ -374,6 +390,9 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
                         _save(ckpt_path, cfg, model, student_opt, seg_opt, state, **extra)
                         with (out / "train_log.jsonl").open("a") as f:
                             f.write(json.dumps(log) + "\n")
+                        if steps_logged is not None:
+                            with (out / "step_log.jsonl").open("a") as f:
+                                f.writelines(json.dumps(r) + "\n" for r in steps_logged)
                         every = cfg.train.snapshot_every
                         if every and (state.step // every > first_step // every or state.step >= state.total_steps):
                             _save_snapshot(out / "snapshots" / f"step_{state.step:06d}.pt", cfg, model, state, extra)

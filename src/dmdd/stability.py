@@ -16,6 +16,7 @@ further than usual. Two guards, both relative to the run's own history so they n
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -61,12 +62,9 @@ class RunningLevel:
 
 
 @torch.no_grad()
-def clip_updates(optimizer: torch.optim.Adam) -> tuple[float, int]:
-    """Scale the learning rate of each parameter group of ``optimizer`` (one tensor per group, as
-    ``engine.build_optimizers`` makes them with ``train.update_clip``) by ``1 / max(1, RMS(g^2 / v_hat))`` for the
-    coming ``step()``; call it after the group rates are set for this step. Returns the largest ratio and the number
-    of tensors whose rate was lowered. Under DDP the gradients are already all-reduced, so every rank agrees."""
-    largest, clipped = 0.0, 0
+def update_ratios(optimizer: torch.optim.Adam) -> Iterator[tuple[dict, torch.nn.Parameter, float]]:
+    """(group, parameter, RMS(g^2 / v_hat)) of every tensor with a gradient and Adam history, for the coming
+    ``step()``: how far this step's gradient lies above what Adam's second moments expect (1 when it is typical)."""
     for group in optimizer.param_groups:
         beta2, eps = group["betas"][1], group["eps"]
         for p in group["params"]:
@@ -76,12 +74,33 @@ def clip_updates(optimizer: torch.optim.Adam) -> tuple[float, int]:
             t = float(state["step"]) + 1
             g2 = p.grad.float().square()
             v_hat = (state["exp_avg_sq"] * beta2 + g2 * (1 - beta2)) / (1 - beta2**t)
-            rms = float((g2 / v_hat.clamp(min=eps * eps)).mean().sqrt())
-            largest = max(largest, rms)
-            if rms > 1:
-                group["lr"] /= rms
-                clipped += 1
+            yield group, p, float((g2 / v_hat.clamp(min=eps * eps)).mean().sqrt())
+
+
+def clip_updates(optimizer: torch.optim.Adam) -> tuple[float, int]:
+    """Scale the learning rate of each parameter group of ``optimizer`` (one tensor per group, as
+    ``engine.build_optimizers`` makes them with ``train.update_clip``) by ``1 / max(1, RMS(g^2 / v_hat))`` for the
+    coming ``step()``; call it after the group rates are set for this step. Returns the largest ratio and the number
+    of tensors whose rate was lowered. Under DDP the gradients are already all-reduced, so every rank agrees."""
+    largest, clipped = 0.0, 0
+    for group, _, rms in list(update_ratios(optimizer)):
+        largest = max(largest, rms)
+        if rms > 1:
+            group["lr"] /= rms
+            clipped += 1
     return largest, clipped
+
+
+def step_record(optimizer: torch.optim.Adam, names: dict[int, str]) -> dict[str, Any]:
+    """Before ``step()``: the gradient norm over all tensors, and the tensor whose gradient lies farthest above
+    Adam's second moments (``update_ratios``), by name (``names``: id of a parameter -> its name)."""
+    grads = [p.grad.float() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = float(torch.sqrt(sum((g * g).sum() for g in grads))) if grads else 0.0
+    ratio, name = 0.0, None
+    for _, p, rms in update_ratios(optimizer):
+        if rms > ratio:
+            ratio, name = rms, names.get(id(p), "?")
+    return {"grad_norm": round(norm, 5), "ratio_max": round(ratio, 3), "ratio_tensor": name}
 
 
 class SpikeGuard:
