@@ -189,8 +189,8 @@ def train_student_epoch(objective, batches, steps_per_epoch, optimizer, cfg, dev
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if step_log is not None:  # before clipping and the step: the gradient against Adam's current moments
-            step_log.append({"step": state.step, "lr_factor": round(factor, 5), "loss": round(float(loss), 5),
-                             "ngm": round(float(ngm), 5), "aim": round(float(aim), 5),
+            step_log.append({"step": state.step, "lr_factor": round(factor, 5), "loss": round(float(loss.detach()), 5),
+                             "ngm": round(float(ngm.detach()), 5), "aim": round(float(aim.detach()), 5),
                              "anomaly_area": round(float(mask.float().mean()), 5),
                              **step_record(optimizer, step_log.names)})  # fmt: skip
         if guard is not None:
