@@ -26,8 +26,8 @@ from scipy.stats import norm
 from dmdd import metrics
 from dmdd.data import load_category
 from dmdd.engine import split_holdout
-from dmdd.evaluation import _image_batches
-from dmdd.models.global_score import _inverse, ledoit_wolf, mahalanobis, pool
+from dmdd.evaluation import _image_batches, normal_threshold
+from dmdd.models.global_score import _inverse, ledoit_wolf, mahalanobis, out_of_fold, pool
 
 
 @torch.inference_mode()
@@ -49,24 +49,12 @@ def parts(model, records, cfg):
 def stage_distances(fit, others, folds=5):
     """Per stage: the fit images' distances out of fold (as ``FeatureGaussian.fit``), and each of ``others``'
     distances to the Gaussian of all fit images."""
-    n = fit[0].shape[0]
-    fold = torch.arange(n) % folds
     out = []
     for i, z in enumerate(fit):
-        d = torch.zeros(n, dtype=torch.float64)
-        for k in range(folds):
-            loc, cov, _ = ledoit_wolf(z[fold != k])
-            d[fold == k] = mahalanobis(z[fold == k], loc, _inverse(cov))
         loc, cov, _ = ledoit_wolf(z)
         precision = _inverse(cov)
-        out.append([d.numpy()] + [mahalanobis(o[i], loc, precision).numpy() for o in others])
+        out.append([out_of_fold(z, folds).numpy()] + [mahalanobis(o[i], loc, precision).numpy() for o in others])
     return out
-
-
-def upper(x: np.ndarray, target: float) -> float:
-    """The library's empirical rule: leave at most floor(target * n) samples at or above."""
-    s = np.sort(x)
-    return float(np.nextafter(s[s.size - 1 - int(np.floor(target * s.size))], np.inf))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,13 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     for target in args.targets:
         rules = {
             # today: the combined max on the held-out images
-            "heldout_max": decide(np.maximum(tm, tg) >= upper(np.maximum(hm, hg), target)),
+            "heldout_max": decide(np.maximum(tm, tg) >= normal_threshold(np.maximum(hm, hg), target)),
             # each part at half the target; the global part's threshold from all training images out of fold
-            "split_oof": decide((tm >= upper(hm, target / 2)) | (tg >= upper(og, target / 2))),
-            "split_oof_pooled_global": decide((tm >= upper(hm, target / 2)) | (tg >= upper(np.r_[og, hg], target / 2))),
+            "split_oof": decide((tm >= normal_threshold(hm, target / 2)) | (tg >= normal_threshold(og, target / 2))),
+            "split_oof_pooled_global": decide(
+                (tm >= normal_threshold(hm, target / 2)) | (tg >= normal_threshold(np.r_[og, hg], target / 2))
+            ),
             # Gaussian tails on the standardised parts
             "gauss_tail": decide(np.maximum(tm, tg) >= norm.ppf(1 - target / 2)),
-            "sum_heldout": decide(tm + tg >= upper(hm + hg, target)),
+            "sum_heldout": decide(tm + tg >= normal_threshold(hm + hg, target)),
         }
         result["rules"][f"{target:g}"] = rules
         for name, r in rules.items():
@@ -128,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             "best_flagged_at_10pct_test_fa": round(100 * float((zt[~good] > np.quantile(zt[good], 0.9)).mean()), 1),
         }
         for target in (0.01, 0.05):
-            row[f"{target:g}"] = decide(zt >= upper(zh, target))
+            row[f"{target:g}"] = decide(zt >= normal_threshold(zh, target))
         result["stage_sets"]["-".join(map(str, stages))] = row  # fmt: skip
     keys = ("held_out", "fit_images", "test_good", "test_defective", "auroc", "quantiles", "stages")
     print(json.dumps({k: result[k] for k in keys}))

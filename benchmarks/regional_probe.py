@@ -28,16 +28,11 @@ from dmdd.data import load_category
 from dmdd.data.datasets import AnomalyDataset
 from dmdd.engine import split_holdout
 from dmdd.models.global_score import ledoit_wolf
+from dmdd.models.regional import WINDOWS as REGIONAL_WINDOWS
+from dmdd.models.regional import local_stats
 from dmdd.models.segmentation import gaussian_blur
 
-WINDOWS = {1: 7, 2: 5}  # stage index (0-based) -> window side in stage cells (stage 2: 8 px, stage 3: 16 px)
-
-
-def local_stats(f: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, 2C, H, W): per-channel mean and std over a k x k window around each position."""
-    mean = F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
-    square = F.avg_pool2d(f * f, k, stride=1, padding=k // 2, count_include_pad=False)
-    return torch.cat([mean, (square - mean**2).clamp_min(0).sqrt()], 1)
+WINDOWS = {stage - 1: k for stage, k in REGIONAL_WINDOWS.items()}  # 0-based stage index -> window side in cells
 
 
 def cell_index(h: int, w: int, cells: int) -> torch.Tensor:

@@ -114,27 +114,47 @@ def fit_map_statistics(
     the map's image score. Returns (mean (K,), std (K,))."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(model.num_maps, dtype=torch.float64)
-    moments = torch.zeros(model.num_maps, model.num_maps, dtype=torch.float64)  # sum of m m^T over pixels
+    k = model.num_maps
+    regional = model.regional is not None and model.regional.gaussian_fitted > 0
+    # The plain sum is linear in the K maps, and so is the smoothing: the smoothed map's pixel statistics follow from
+    # those of the K smoothed maps, in this same pass. The MSN's output is not: it takes a pass of its own below.
+    linear = regional and model.segmentation is None
+    total, smoothed_total = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    moments = torch.zeros(k, k, dtype=torch.float64)  # sum of m m^T over pixels
+    smoothed_moments = torch.zeros(k, k, dtype=torch.float64)
+    regional_sums = torch.zeros(2, dtype=torch.float64)  # the smoothed regional map: sum, sum of squares
     count = 0
     for batch in _image_batches(images, cfg, batch_size):
-        maps = model.stacked_maps(batch.to(device), normalized=False).double().cpu()  # (B, K, S, S)
-        total += maps.sum(dim=(0, 2, 3))
-        flat = maps.transpose(0, 1).reshape(model.num_maps, -1)
-        moments += flat @ flat.T
+        feats = model.features(batch.to(device))
+        maps = model.stack(*model.stage_maps(feats), batch.shape[-2:], normalized=False)  # (B, K, S, S)
+        total += maps.double().sum(dim=(0, 2, 3)).cpu()
+        moments += _gram(maps)
         count += maps[:, 0].numel()
+        if linear:
+            smoothed = model.smooth(maps.flatten(0, 1)[:, None]).view_as(maps)
+            smoothed_total += smoothed.double().sum(dim=(0, 2, 3)).cpu()
+            smoothed_moments += _gram(smoothed)
+            other = model.smooth(model.regional.raw_map(feats.teacher, batch.shape[-2:])).double()
+            regional_sums += torch.stack([other.sum(), (other * other).sum()]).cpu()
     mean = total / count
     std = (moments.diagonal() / count - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
     model.map_mean.copy_(mean.float())
     model.map_std.copy_(std.float())
+    a = 1.0 / std if model.cfg.map_normalization else torch.ones_like(std)  # the fusion's input is a * (m - mu)
     head = model.segmentation
     if head is not None and getattr(head, "residual", False):
         covariance = moments / count - torch.outer(mean, mean)
-        a = 1.0 / std if model.cfg.map_normalization else torch.ones_like(std)  # the head's input is a * (m - mu)
         plain_std = abs(float(a @ covariance @ a)) ** 0.5
         head.sum_weights.fill_(1.0 / max(plain_std, 1e-6))
-    regional = model.regional is not None and model.regional.gaussian_fitted > 0
-    if regional:  # the pixel statistics of the model's map (it changed with the maps above) and the regional map
+    if linear:  # the plain map is sum_k a_k (smooth(m_k) - mu_k), with mu = 0 without map normalisation
+        shift = float(a @ mean) if model.cfg.map_normalization else 0.0
+        smoothed_mean = smoothed_total / count
+        plain_mean = float(a @ smoothed_mean) - shift
+        plain_var = float(a @ (smoothed_moments / count) @ a - (a @ smoothed_mean) ** 2)
+        r_mean = float(regional_sums[0] / count)
+        r_var = float(regional_sums[1] / count) - r_mean**2
+        model.regional.fit_pixel_stats((plain_mean, max(plain_var, 0.0) ** 0.5), (r_mean, max(r_var, 0.0) ** 0.5))
+    elif regional:  # the MSN's map and the regional map, from the statistics fitted above
         sums, pixels = torch.zeros(2, 2, dtype=torch.float64), 0  # (model, regional) x (sum, sum of squares)
         for feats, size in _feature_batches(model, images, cfg, device, batch_size):
             plain = model.fused_map(model.stack(*model.stage_maps(feats), size)).double()
@@ -150,6 +170,12 @@ def fit_map_statistics(
         model.global_score.fit_score_stats(torch.cat(map_scores).cpu())
     model.train(was_training)
     return mean.float(), std.float()
+
+
+def _gram(maps: torch.Tensor) -> torch.Tensor:
+    """(K, K) sum over pixels of m m^T for (B, K, S, S) maps, in float64 on the CPU."""
+    flat = maps.double().transpose(0, 1).reshape(maps.shape[1], -1).cpu()
+    return flat @ flat.T
 
 
 def _feature_batches(model: DMDD, images: list[Record] | torch.Tensor, cfg: Config, device: torch.device,

@@ -19,7 +19,7 @@ from dmdd.engine import select_device
 from dmdd.errors import DmddError, ImageReadError
 from dmdd.evaluation import run_model
 from dmdd.geometry import from_square, to_square
-from dmdd.visualize import overlay
+from dmdd.visualize import threshold_overlay
 
 
 @dataclass
@@ -154,8 +154,8 @@ class Predictor:
         mask = full_map >= self.pixel_threshold
         stem = f"{index:05d}_{path.stem}"
         overlay_path, mask_path = out / "overlays" / f"{stem}.png", out / "masks" / f"{stem}.png"
-        vmax = max(self.pixel_threshold * 2, float(full_map.max()), 1e-6)
-        cv2.imwrite(str(overlay_path), cv2.cvtColor(overlay(image, full_map, 0.0, vmax), cv2.COLOR_RGB2BGR))
+        painted = threshold_overlay(image, full_map, self.pixel_threshold)
+        cv2.imwrite(str(overlay_path), cv2.cvtColor(painted, cv2.COLOR_RGB2BGR))
         cv2.imwrite(str(mask_path), mask.astype(np.uint8) * 255)
         return ImageResult(str(path), score, bool(score >= self.image_threshold), float(mask.mean()),
                            str(overlay_path), str(mask_path))  # fmt: skip

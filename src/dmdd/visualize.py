@@ -18,6 +18,13 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float
     return (image.astype(np.float32) * (1 - alpha) + heat.astype(np.float32) * alpha).astype(np.uint8)
 
 
+def threshold_overlay(image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float | None) -> np.ndarray:
+    """The overlay of a prediction: colour scale from 0 to twice the pixel threshold, or to the map's maximum if
+    that is larger (``dmdd predict`` and ``dmdd serve``)."""
+    vmax = max(2 * pixel_threshold if pixel_threshold is not None else 0.0, float(anomaly_map.max()), 1e-6)
+    return overlay(image, anomaly_map, 0.0, vmax)
+
+
 def outline(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 0)) -> np.ndarray:
     """Draw the contours of a (H, W) bool mask onto a copy of the image."""
     out = image.copy()

@@ -19,34 +19,34 @@ MAX_DECODE_PIXELS = 4096 * 4096
 MIN_SIDE = 8  # smaller images carry no usable detail at any backbone stride
 
 
+def _pil_open(source: Path | io.BytesIO, name: object) -> Image.Image:
+    """Open (header only) without Pillow's pixel limit: huge images are reduced while decoding instead."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+            image.MAX_IMAGE_PIXELS = None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(name, f"image too large ({exc})") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        detail = f": {exc}" if isinstance(source, Path) else ""  # an in-memory file's message names only the buffer
+        raise ImageReadError(name, f"not a readable image ({type(exc).__name__}{detail})") from exc
+    return image
+
+
 def _open(path: Path) -> Image.Image:
     if not path.is_file():
         raise ImageReadError(path, "file not found")
     if path.stat().st_size == 0:
         raise ImageReadError(path, "the file is empty (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            image.MAX_IMAGE_PIXELS = None
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(path, f"image too large ({exc})") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageReadError(path, f"not a readable image ({type(exc).__name__}: {exc})") from exc
-    return image
+    return _pil_open(path, path)
 
 
 def _open_bytes(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
     """Open an uploaded image from memory; refuse more than ``max_pixels`` from the header alone (no decoding)."""
     if not data:
         raise ImageReadError(name, "the file is empty (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            image.MAX_IMAGE_PIXELS = None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(name, f"not a readable image ({type(exc).__name__})") from exc
+    image = _pil_open(io.BytesIO(data), name)
     w, h = image.size
     if max_pixels is not None and w * h > max_pixels:
         raise ImageTooLargeError(name, f"image is {w}x{h} px, more than the limit of {max_pixels} pixels")

@@ -73,6 +73,18 @@ def mahalanobis(z: torch.Tensor, loc: torch.Tensor, precision: torch.Tensor) -> 
     return ((diff @ precision) * diff).sum(dim=1).clamp_min(0).sqrt()
 
 
+def out_of_fold(z: torch.Tensor, folds: int) -> torch.Tensor:
+    """(N,) Mahalanobis distance of each row of ``z`` (N, D) to the Ledoit-Wolf Gaussian of the rows outside its
+    fold (row k is in fold ``k % folds``), in float64."""
+    z = z.double()
+    fold = torch.arange(z.shape[0]) % folds
+    out = torch.zeros(z.shape[0], dtype=torch.float64)
+    for k in range(folds):
+        loc, cov, _ = ledoit_wolf(z[fold != k])
+        out[fold == k] = mahalanobis(z[fold == k], loc, _inverse(cov))
+    return out
+
+
 def _mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation (1 for fewer than two values), the deviation floored at 1e-6."""
     std = x.std() if x.numel() > 1 else torch.ones((), dtype=x.dtype, device=x.device)
@@ -130,12 +142,7 @@ class FeatureGaussian(nn.Module):
         pooled = [z.double().cpu() for z in pooled]
         n = pooled[0].shape[0]
         folds = min(folds, n // 3)  # every Gaussian sees at least two images
-        fold = torch.arange(n) % max(folds, 1)
-        outside = torch.zeros(n, dtype=torch.float64)
-        for k in range(folds if folds >= 2 else 0):
-            for z in pooled:
-                loc, cov, _ = ledoit_wolf(z[fold != k])
-                outside[fold == k] += mahalanobis(z[fold == k], loc, _inverse(cov))
+        outside = sum(out_of_fold(z, folds) for z in pooled) if folds >= 2 else None
         shrinkages, inside = [], torch.zeros(n, dtype=torch.float64)
         for i, z in zip(self.stages, pooled):
             loc, cov, a = ledoit_wolf(z)
@@ -144,7 +151,7 @@ class FeatureGaussian(nn.Module):
             getattr(self, f"loc{i}").copy_(loc.float())
             getattr(self, f"precision{i}").copy_(precision.float())
             shrinkages.append(a)
-        g_mean, g_std = _mean_std(outside if folds >= 2 else inside)
+        g_mean, g_std = _mean_std(outside if outside is not None else inside)
         self.score_stats[2:].copy_(torch.stack([g_mean, g_std]).float())
         self.gaussian_fitted.fill_(1.0)
         return shrinkages

@@ -31,7 +31,7 @@ from dmdd.data.io import IMAGE_SUFFIXES, decode_image, list_images, read_image
 from dmdd.errors import ImageReadError, ImageTooLargeError
 from dmdd.serve.jobs import JobBusy, JobRunner, TrainingJob
 from dmdd.serve.models import Registry, ServedModel
-from dmdd.visualize import overlay
+from dmdd.visualize import threshold_overlay
 
 STATIC = Path(__file__).parent / "static"
 MAP_HELP = "base64: overlay and mask PNGs in the JSON; png: the overlay itself (one image)"
@@ -82,12 +82,6 @@ class JobRequest(BaseModel):
 def _png_base64(rgb: np.ndarray) -> str:
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb)
     return base64.b64encode(buf.tobytes()).decode("ascii")
-
-
-def _overlay(image: np.ndarray, amap: np.ndarray, pixel_threshold: float | None) -> np.ndarray:
-    """The colour scale ``dmdd predict`` uses: 0 to twice the pixel threshold (or the map's maximum)."""
-    vmax = max(2 * pixel_threshold if pixel_threshold is not None else 0.0, float(amap.max()), 1e-6)
-    return overlay(image, amap, 0.0, vmax)
 
 
 class Server:
@@ -159,7 +153,7 @@ def rows(model: ServedModel, named: list[tuple[str, np.ndarray]], used: dict, ma
                "anomalous_area": None if mask is None else float(mask.mean()),
                "width": int(image.shape[1]), "height": int(image.shape[0])}  # fmt: skip
         if maps:
-            row["overlay_png"] = _png_base64(_overlay(image, scored.anomaly_map, pixel_t))
+            row["overlay_png"] = _png_base64(threshold_overlay(image, scored.anomaly_map, pixel_t))
             if mask is not None:
                 row["mask_png"] = _png_base64(mask.astype(np.uint8) * 255)
         out.append(row)

@@ -47,13 +47,11 @@ class ServedModel:
         """(H, W, 3) uint8 RGB images of any size -> their scores and maps (one model call per batch)."""
         if not images:
             return []
-        squares = [to_square(im, self.image_size, self.resize) for im in images]
         with self.lock:  # one forward at a time per model: the CPU threads are shared anyway
             if self.runtime == "pytorch":
-                scores, maps = self.engine.score(squares)
-            else:
-                batch = np.stack([sq.astype(np.float32).transpose(2, 0, 1) / 255.0 for sq in squares])
-                scores, maps = self.engine.run(batch)
+                scores, maps = self.engine.score([to_square(im, self.image_size, self.resize) for im in images])
+            else:  # dmdd.inference's own preprocessing (resize mode, scaling, layout)
+                scores, maps = self.engine.run(np.stack([self.engine.preprocess(im) for im in images]))
                 maps = maps[:, 0]
         return [Scored(float(s), from_square(np.asarray(m, np.float32), im.shape[:2], self.resize))
                 for s, m, im in zip(scores, maps, images)]  # fmt: skip
