@@ -27,7 +27,7 @@ from dmdd import metrics
 from dmdd.data import load_category
 from dmdd.engine import split_holdout
 from dmdd.evaluation import _image_batches, normal_threshold
-from dmdd.models.global_score import _inverse, ledoit_wolf, mahalanobis, out_of_fold, pool
+from dmdd.models.global_score import ledoit_wolf, precision as _inverse, mahalanobis, out_of_fold, pool
 
 
 @torch.inference_mode()

@@ -15,6 +15,7 @@ from dmdd.engine import fit, split_holdout
 from dmdd.errors import ConfigError
 from dmdd.evaluation import fit_global_score, fit_map_statistics
 from dmdd.models import DMDD
+from dmdd.models.gaussian import mahalanobis, precision
 from dmdd.models.global_score import FeatureGaussian, ledoit_wolf, pool
 
 
@@ -171,7 +172,7 @@ def test_distance_is_standardised_over_training_images_scored_out_of_fold():
     assert g.fitted == 0 and g.gaussian_fitted == 1  # the map's statistics come later
 
 
-@pytest.mark.parametrize("n", [1, 2, 4, 6])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 6])
 def test_a_handful_of_training_images_still_gives_finite_scores(n):
     gen = torch.Generator().manual_seed(n)
     g = FeatureGaussian((5, 3), "mean_std")
@@ -179,3 +180,44 @@ def test_a_handful_of_training_images_still_gives_finite_scores(n):
     g.fit(pool(feats(n), "mean_std"))
     g.fit_score_stats(torch.randn(3, generator=gen))
     assert torch.isfinite(g.score_stats).all() and torch.isfinite(g.combine(torch.zeros(2), feats(2))).all()
+
+
+def _rank_deficient(rank: int, d: int, scale: float, seed: int) -> np.ndarray:
+    """A (d, d) covariance of exact rank ``rank`` built from orthonormal directions, eigenvalues 1..rank times scale."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
+    values = np.zeros(d)
+    values[:rank] = scale * np.arange(1, rank + 1)
+    return (q * values) @ q.T, q, values
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e6])
+@pytest.mark.parametrize("nudge", [0.0, 1e-18])  # exactly singular, and singular but for rounding-size noise
+def test_precision_of_a_singular_covariance_is_its_pseudo_inverse_on_any_cpu(scale, nudge):
+    cov, q, values = _rank_deficient(3, 12, scale, seed=5)
+    cov = cov + nudge * scale * np.eye(12)
+    got = precision(torch.from_numpy(cov)).numpy()
+    # reference: invert the three known eigenvalues along their known directions, nothing else
+    expected = (q[:, :3] / values[:3]) @ q[:, :3].T
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9 / scale)
+    assert np.isfinite(got).all()
+
+
+def test_precision_of_a_well_conditioned_covariance_is_its_inverse():
+    a = np.random.default_rng(2).normal(size=(30, 8))
+    cov = a.T @ a / 30
+    np.testing.assert_allclose(precision(torch.from_numpy(cov)).numpy(), np.linalg.inv(cov), rtol=1e-9)
+
+
+def test_precision_of_a_zero_covariance_is_zero():
+    assert torch.equal(precision(torch.zeros(4, 4, dtype=torch.float64)), torch.zeros(4, 4, dtype=torch.float64))
+
+
+def test_two_training_images_score_along_their_difference_only():
+    # two images: Ledoit-Wolf's shrinkage is 0 and the covariance has rank 1; the precision must not blow up
+    z = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]], dtype=torch.float64)
+    loc, cov, a = ledoit_wolf(z)
+    assert a == 0.0
+    prec = precision(cov)
+    # variance 1 along x, none elsewhere: a point 3 out along x is 3 away, a point off that line is not penalised
+    d = mahalanobis(torch.tensor([[4.0, 0.0, 0.0], [1.0, 5.0, 0.0]], dtype=torch.float64), loc, prec)
+    np.testing.assert_allclose(d.numpy(), [3.0, 0.0], atol=1e-9)

@@ -21,6 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dmdd.models.gaussian import ledoit_wolf, mahalanobis, out_of_fold, precision
+
+__all__ = ["FeatureGaussian", "POOLINGS", "ledoit_wolf", "mahalanobis", "out_of_fold", "pool", "precision"]
+
 POOLINGS = ("mean", "mean_std")
 
 
@@ -34,54 +38,6 @@ def pool(features: list[torch.Tensor], pooling: str) -> list[torch.Tensor]:
             var = ((f - mean[:, :, None, None]) ** 2).mean(dim=(2, 3))
             mean = torch.cat([mean, var.clamp_min(0).sqrt()], dim=1)
         out.append(mean)
-    return out
-
-
-def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Mean, shrunk covariance and shrinkage of the rows of ``x`` (N, D), computed in float64.
-
-    The covariance is ``(1 - a) S + a (tr(S) / D) I`` with ``S`` the maximum-likelihood covariance and ``a`` the
-    Ledoit-Wolf (2004) estimate ``min(b2, d2) / d2``, ``d2 = ||S - (tr(S) / D) I||_F^2``,
-    ``b2 = sum_k ||x_k x_k^T - S||_F^2 / N^2`` over the centred rows ``x_k``.
-    """
-    x = x.double()
-    n, d = x.shape
-    loc = x.mean(dim=0)
-    xc = x - loc
-    s = xc.T @ xc / n
-    mu = (torch.trace(s) / d).clamp_min(1e-12)  # a single sample has no spread: keep the covariance invertible
-    d2 = ((s - mu * torch.eye(d, dtype=s.dtype, device=s.device)) ** 2).sum()
-    # sum_k ||x_k x_k^T - S||^2 = sum_k ||x_k||^4 - 2 sum_k x_k^T S x_k + N ||S||^2, without the N (D, D) products
-    sq = (xc**2).sum(dim=1)
-    b2 = ((sq**2).sum() - 2 * ((xc @ s) * xc).sum() + n * (s**2).sum()) / n**2
-    shrinkage = float(torch.clamp(b2, max=d2) / d2) if d2 > 0 else 1.0
-    cov = (1 - shrinkage) * s + shrinkage * mu * torch.eye(d, dtype=s.dtype, device=s.device)
-    return loc, cov, shrinkage
-
-
-def _inverse(cov: torch.Tensor) -> torch.Tensor:
-    """The inverse of a covariance; the pseudo-inverse when it is singular (two images give a shrinkage of 0)."""
-    try:
-        return torch.linalg.inv(cov)
-    except torch.linalg.LinAlgError:
-        return torch.linalg.pinv(cov, hermitian=True)
-
-
-def mahalanobis(z: torch.Tensor, loc: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """(N,) Mahalanobis distances of the rows of ``z`` (N, D) under a mean and a precision matrix."""
-    diff = z - loc
-    return ((diff @ precision) * diff).sum(dim=1).clamp_min(0).sqrt()
-
-
-def out_of_fold(z: torch.Tensor, folds: int) -> torch.Tensor:
-    """(N,) Mahalanobis distance of each row of ``z`` (N, D) to the Ledoit-Wolf Gaussian of the rows outside its
-    fold (row k is in fold ``k % folds``), in float64."""
-    z = z.double()
-    fold = torch.arange(z.shape[0]) % folds
-    out = torch.zeros(z.shape[0], dtype=torch.float64)
-    for k in range(folds):
-        loc, cov, _ = ledoit_wolf(z[fold != k])
-        out[fold == k] = mahalanobis(z[fold == k], loc, _inverse(cov))
     return out
 
 
@@ -146,10 +102,10 @@ class FeatureGaussian(nn.Module):
         shrinkages, inside = [], torch.zeros(n, dtype=torch.float64)
         for i, z in zip(self.stages, pooled):
             loc, cov, a = ledoit_wolf(z)
-            precision = _inverse(cov)
-            inside += mahalanobis(z, loc, precision)
+            prec = precision(cov)
+            inside += mahalanobis(z, loc, prec)
             getattr(self, f"loc{i}").copy_(loc.float())
-            getattr(self, f"precision{i}").copy_(precision.float())
+            getattr(self, f"precision{i}").copy_(prec.float())
             shrinkages.append(a)
         g_mean, g_std = _mean_std(outside if outside is not None else inside)
         self.score_stats[2:].copy_(torch.stack([g_mean, g_std]).float())

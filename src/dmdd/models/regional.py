@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dmdd.models.global_score import _inverse, ledoit_wolf
+from dmdd.models.gaussian import ledoit_wolf, precision
 
 # stage (1-based) -> window side in that stage's cells: 7 x 8 px at stage 2, 5 x 16 px at stage 3 (benchmarks/
 # regional_probe.py measured these on magnetic_tile and tire)
@@ -64,7 +64,7 @@ class RegionalGaussian(nn.Module):
         for stage, v in vectors.items():
             loc, cov, a = ledoit_wolf(v.double().cpu())
             getattr(self, f"loc{stage}").copy_(loc.float())
-            getattr(self, f"precision{stage}").copy_(_inverse(cov).float())
+            getattr(self, f"precision{stage}").copy_(precision(cov).float())
             shrinkage[stage] = a
         self.gaussian_fitted.fill_(1.0)
         return shrinkage
