@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import os
 import signal
 import subprocess
@@ -181,12 +182,40 @@ def test_the_committed_results_page_matches_its_records():
     assert render_page(REPO / "docs" / "results.md", check=True) == []
 
 
-def test_every_shipped_suite_parses(monkeypatch, tmp_path):
-    # data roots of the suites may be absent here: point them at a generated tree with the expected categories
+def test_every_shipped_suite_loads_and_expands(monkeypatch, tmp_path):
+    # the suites' data roots come from the environment: point them at generated trees with the expected categories
+    import importlib.util
+
     from dmdd.demo_data import make_demo_dataset
 
-    for suite in sorted((REPO / "benchmarks" / "suites").glob("*.yaml")):
-        raw = yaml.safe_load(suite.read_text())
-        assert set(raw) <= {"name", "description", "output", "results", "datasets", "models", "budgets", "seeds",
-                            "threads"}, suite.name  # fmt: skip
-        assert raw["models"] and raw["datasets"], suite.name
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "anomalib" else real(name, *a))
+    made = make_demo_dataset(tmp_path / "gen", "metal", size=32, train=2, test_good=1, test_per_defect=1, seed=0)
+    for name in ("tire", "magnetic_tile", "bottle"):
+        made.rename(tmp_path / name) if name == "tire" else shutil.copytree(tmp_path / "tire", tmp_path / name)
+    for var in ("DMDD_DATA", "MVTEC_ROOT", "MPDD_ROOT"):
+        monkeypatch.setenv(var, str(tmp_path))
+    suites = sorted((REPO / "benchmarks" / "suites").glob("*.yaml"))
+    assert {s.stem for s in suites} >= {"dev", "speed", "paper_mvtec", "paper_mpdd", "gpu_smoke"}
+    for path in suites:
+        suite = load_suite(path)
+        assert suite.cells(), path.name
+        if path.stem == "dev":
+            assert {c.model.kind for c in suite.cells()} == {"dmdd", "patchcore", "stfpm"}
+            assert suite.results == Path("docs/results/dev.json")
+
+
+def test_the_deployment_runtime_driver_runs_on_a_tiny_model(tiny_tree, tmp_path):
+    from conftest import tiny_config
+
+    from dmdd.engine import fit
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from deploy_runtimes import main as deploy_main
+
+    ckpt = fit(tiny_config(tiny_tree, steps=1), tmp_path / "run", progress=False)
+    assert deploy_main([str(ckpt), "--data", str(tiny_tree.parent), "--category", "metal", "--out",
+                        str(tmp_path / "deploy"), "--reps", "1", "--threads", "1"]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "deploy" / "deploy.json").read_text())["rows"]
+    assert rows["eager fp32"]["max_abs_map_diff"] == 0.0
+    assert rows["ONNX Runtime fp32"]["max_rel_map_diff"] < 1e-4  # an exported fp32 graph computes the same maps

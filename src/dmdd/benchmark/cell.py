@@ -1,4 +1,4 @@
-"""One benchmark cell, run in its own process (``python -m dmdd.benchmark.cell CELL_DIR``): train (or resume), test
+"""One benchmark cell, run in its own process (``python -m dmdd.benchmark CELL_DIR``): train (or resume), test
 with dmdd's metric code, and write ``cell.json`` atomically. The process's peak memory is its own, and SIGTERM reaches
 the training loop, which keeps its last finished epoch.
 
@@ -164,5 +164,3 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -137,7 +137,7 @@ def _run_cells(suite: Suite, out: Path, todo: list[Cell], pool: list[Slot], prog
                 write_json(folder / SPEC, _spec(suite, cell, slot))
                 env = os.environ | slot.env | {"OMP_NUM_THREADS": str(slot.threads)}
                 with (folder / "cell.log").open("a") as log:
-                    proc = subprocess.Popen([sys.executable, "-m", "dmdd.benchmark.cell", str(folder)], env=env,
+                    proc = subprocess.Popen([sys.executable, "-m", "dmdd.benchmark", str(folder)], env=env,
                                             stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
                 running[proc.pid] = (proc, cell, slot)
                 bar.set_postfix_str(cell.id, refresh=True)

@@ -153,6 +153,8 @@ def _dataset(raw: Any, where: str) -> Dataset:
 
 def _model(raw: Any, where: str) -> ModelSpec:
     raw = _keys(raw, _MODEL_KEYS, where)
+    raw = {**raw, "set": {k: _expand(v, where) if isinstance(v, str) else v for k, v in (raw.get("set") or {}).items()},
+           "config": _expand(raw["config"], where) if raw.get("config") else None}  # fmt: skip
     kind = raw.get("kind", "dmdd")
     if kind not in KINDS:
         raise ConfigError(f"{where}: kind must be one of {KINDS}, got {kind!r}")

@@ -150,7 +150,19 @@ def json_table(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def deploy_table(data: dict[str, Any]) -> str:
+    """benchmarks/deploy_runtimes.py's output: images/s (median, min-max) and metrics per runtime."""
+    head = ["runtime", "img/s (min-max)", "I-AUROC", "P-AUROC", "AU-PRO", "max map diff / map scale"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in data["rows"].items():
+        lines.append(f"| {name} | {r['images_per_s']:.1f} ({r['min_images_per_s']:.1f}-{r['max_images_per_s']:.1f}) "
+                     f"| {100 * r['image_auroc']:.2f} | {100 * r['pixel_auroc']:.2f} | {100 * r['au_pro']:.2f} "
+                     f"| {r['max_rel_map_diff']:.1e} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS = {"quality": quality_table, "speed": speed_table}
+FILE_RENDERERS = {"json": json_table, "deploy": deploy_table}
 _BLOCK = re.compile(r"(<!-- benchmark: (\S+)(?: table=(\w+))? -->\n)(.*?)(<!-- /benchmark -->)", re.S)
 
 
@@ -158,10 +170,10 @@ def render_block(source: Path, kind: str) -> str:
     if not source.is_file():
         raise ConfigError(f"results file not found: {source} (named by a '<!-- benchmark: ... -->' block)")
     data = json.loads(source.read_text())
-    if kind == "json":
-        return json_table(data)
+    if kind in FILE_RENDERERS:
+        return FILE_RENDERERS[kind](data)
     if kind not in RENDERERS:
-        raise ConfigError(f"unknown table kind {kind!r} for {source}; known: {sorted(RENDERERS) + ['json']}")
+        raise ConfigError(f"unknown table kind {kind!r} for {source}; known: {sorted(RENDERERS | FILE_RENDERERS)}")
     return RENDERERS[kind](data["cells"])
 
 
