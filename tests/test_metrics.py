@@ -85,13 +85,59 @@ def test_au_pro_other_limits(limit):
     assert metrics.au_pro(masks, maps, limit) == pytest.approx(brute_au_pro(masks, maps, limit), abs=1e-9)
 
 
-def test_au_pro_perfect_and_diagonal_regions_are_one_component():
+def three_level_case(masks: np.ndarray, first: tuple[int, int, int], false_alarms: int) -> np.ndarray:
+    """Map of one defect pixel at 3 (the pixel ``first``), ``false_alarms`` normal pixels at 2, the other defect
+    pixels at 1, the other normal pixels at 0."""
+    maps = np.zeros(masks.shape)
+    maps[masks] = 1.0
+    maps[first] = 3.0
+    normal = np.flatnonzero(~masks.ravel())[:false_alarms]
+    maps.ravel()[normal] = 2.0
+    return maps
+
+
+def by_hand(pro_first: float, false_alarms: int, normal_pixels: int, limit: float = 0.3) -> float:
+    """AU-PRO of a three-level map. Its curve: (0, 0) -> (0, p) at 3 -> (x, p) at 2 with x = false_alarms /
+    normal pixels (< limit) -> (x, 1) at 1 -> (1, 1). Up to the limit: p x + (limit - x), over the limit."""
+    x = false_alarms / normal_pixels
+    assert x < limit
+    return (pro_first * x + (limit - x)) / limit
+
+
+@pytest.mark.parametrize(
+    "layout, regions",
+    [
+        ("apart", 2),  # a 1-pixel region and a 2-pixel region two columns apart: two regions
+        ("diagonal", 1),  # the same 3 pixels, the single one touching the pair by a corner: one 8-connected region
+        ("two_images", 2),  # the 1-pixel and the 2-pixel region in two images, at overlapping positions: two regions
+    ],
+)
+def test_au_pro_counts_regions_as_8_connected_components_of_each_image(layout, regions):
+    masks = np.zeros((2, 4, 5), bool)
+    first = (0, 1, 1)
+    masks[first] = True
+    if layout == "apart":
+        masks[0, 1, 4] = masks[0, 2, 4] = True
+    elif layout == "diagonal":
+        masks[0, 2, 2] = masks[0, 2, 3] = True
+    else:
+        masks[1, 1, 1] = masks[1, 1, 2] = True
+    maps = three_level_case(masks, first, false_alarms=10)  # 10 of 37 normal pixels: x = 0.27
+    # Only the single pixel is found at the first threshold: PRO = mean(1, 0) = 1/2 over two regions, but 1/3
+    # (one of the three pixels) when the pixels form one region.
+    as_two, as_one = by_hand(1 / 2, 10, 37), by_hand(1 / 3, 10, 37)
+    assert as_two == pytest.approx(61 / 111) and as_one == pytest.approx(133 / 333)  # (0.3 - 5/37) / 0.3, ...
+    expected = as_two if regions == 2 else as_one
+    assert metrics.au_pro(masks, maps) == pytest.approx(expected, abs=1e-12)
+    assert brute_au_pro(masks, maps) == pytest.approx(expected, abs=1e-12)
+
+
+def test_au_pro_of_a_perfect_map_is_one():
     masks = np.zeros((2, 6, 6), bool)
-    masks[0, 1, 1] = masks[0, 2, 2] = True  # touching diagonally: one 8-connected region
-    maps = masks.astype(float)
-    assert metrics.au_pro(masks, maps) == pytest.approx(1.0)
-    fpr, pro = metrics.pro_curve(masks, maps)
-    assert fpr[0] == 0 and pro[-1] == 1
+    masks[0, 1, 1] = masks[0, 2, 2] = masks[1, 4, 0] = True
+    assert metrics.au_pro(masks, masks.astype(float)) == pytest.approx(1.0)
+    fpr, pro = metrics.pro_curve(masks, masks.astype(float))
+    assert fpr[0] == 0 and pro[-1] == 1 and pro[np.searchsorted(fpr, 0, side="right") - 1] == 1  # all found at FPR 0
 
 
 @pytest.mark.parametrize("seed", range(5))

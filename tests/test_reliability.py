@@ -2,6 +2,8 @@
 
 import json
 import os
+import pickle
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,10 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dmdd.checkpoint import load_checkpoint, save_checkpoint
+from dmdd.checkpoint import load_checkpoint, restore_model, save_checkpoint
+from dmdd.cli import main
 from dmdd.data import load_category, read_image
 from dmdd.engine import fit
-from dmdd.errors import ImageReadError
+from dmdd.errors import CheckpointError, ImageReadError
 from dmdd.predict import Predictor, expand_inputs
 
 
@@ -106,6 +109,47 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert torch.equal(load_checkpoint(target)["model"]["w"], torch.ones(3))
 
 
+class _Planted:
+    """Unpickling this runs a shell command that creates ``marker``: what a booby-trapped checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def test_a_checkpoint_carrying_code_is_refused_without_running_it(tiny_tree, tmp_path, capsys):
+    marker = tmp_path / "code_ran"
+    payload = {"format": "dmdd-checkpoint", "format_version": 1, "config": {}, "model": {"w": torch.zeros(2)},
+               "note": _Planted(marker)}  # fmt: skip
+    files = {"zip": tmp_path / "zip.pt", "legacy": tmp_path / "legacy.pt", "pickle": tmp_path / "plain.pt"}
+    torch.save(payload, files["zip"])
+    torch.save(payload, files["legacy"], _use_new_zipfile_serialization=False)
+    files["pickle"].write_bytes(pickle.dumps(payload, protocol=2))
+    for kind, path in files.items():  # each file really runs the command when unpickled without weights_only
+        torch.load(path, weights_only=False) if kind != "pickle" else pickle.loads(path.read_bytes())
+        assert marker.is_file(), kind
+        marker.unlink()
+    image = str(sorted((tiny_tree / "test/good").glob("*.png"))[0])
+    for kind, path in files.items():
+        with pytest.raises(CheckpointError, match="damaged or not a dmdd checkpoint"):
+            load_checkpoint(path)
+        with pytest.raises(CheckpointError, match="damaged or not a dmdd checkpoint"):
+            restore_model(path)
+        assert main(["predict", str(path), image, "--out", str(tmp_path / "pred")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("dmdd: error: checkpoint") and "not a dmdd checkpoint" in err
+        assert len(err.splitlines()) == 1
+        assert not marker.exists(), kind
+    run = tmp_path / "run"  # a planted last.pt in a run folder: --resume refuses it too
+    run.mkdir()
+    run.joinpath("last.pt").write_bytes(files["zip"].read_bytes())
+    with pytest.raises(CheckpointError, match="damaged or not a dmdd checkpoint"):
+        fit(tiny_config(tiny_tree), run, resume=True, progress=False)
+    assert not marker.exists()
+
+
 def _train_cmd(tree: Path, out: Path, epochs: int) -> list[str]:
     flags = ["--image-size", "64", "--epochs", str(epochs), "--batch-size", "1", "--no-progress", "--out", str(out)]
     return [sys.executable, "-m", "dmdd.cli", "train", "--data", str(tree), "--backbone", "efficientnet_lite0", *flags]
@@ -118,29 +162,38 @@ def _default_signals() -> None:
 
 
 def _interrupt_after_first_epoch(cmd: list[str], log: Path, sig: int) -> subprocess.CompletedProcess:
+    """Start the run, wait until its first epoch is logged (the checkpoint is written before the log line), then
+    send ``sig``. The run is far too long to finish first, so the signal always lands mid-training."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
-    deadline = time.time() + 300
-    while not (log.is_file() and log.read_text().strip()) and time.time() < deadline and proc.poll() is None:
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and log.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"no epoch was logged (exit {proc.returncode}): {err[-1500:]}")
         time.sleep(0.05)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+EPOCHS_NEVER_REACHED = 1000  # ~0.7 s an epoch here: the signal arrives long before the end
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_mid_training_leaves_a_usable_checkpoint_and_resume_matches(tiny_tree, tmp_path, sig):
-    # Enough epochs left after the first that the signal lands mid-run (an epoch takes ~0.7 s here); SIGINT needs no
-    # resume comparison, so it gets a long run: once, in the full suite, a 12-epoch run finished before it arrived.
-    epochs = 12 if sig == signal.SIGTERM else 40
     out = tmp_path / "interrupted"
-    run = _interrupt_after_first_epoch(_train_cmd(tiny_tree, out, epochs), out / "train_log.jsonl", sig)
+    run = _interrupt_after_first_epoch(_train_cmd(tiny_tree, out, EPOCHS_NEVER_REACHED), out / "train_log.jsonl", sig)
     ignored = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("SigIgn")]
     assert run.returncode == 2, (run.returncode, run.stdout[-500:], run.stderr[-1500:], ignored)
     assert "training interrupted" in run.stderr and "--resume" in run.stderr and "Traceback" not in run.stderr
     done = load_checkpoint(out / "last.pt")["epoch"]
-    assert 1 <= done < epochs
+    assert 1 <= done < EPOCHS_NEVER_REACHED
     if sig != signal.SIGTERM:
         return
+    # The learning rate does not depend on the planned length (constant schedule, no warm-up), so resuming with
+    # one epoch more than was done must reach the weights of an uninterrupted run of that many epochs, bit for bit.
+    epochs = done + 1
     resumed = subprocess.run([*_train_cmd(tiny_tree, out, epochs), "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-1500:]
     straight = subprocess.run(_train_cmd(tiny_tree, tmp_path / "straight", epochs), capture_output=True, text=True)

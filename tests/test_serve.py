@@ -15,7 +15,7 @@ from conftest import tiny_config
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from dmdd.checkpoint import restore_model
+from dmdd.checkpoint import load_checkpoint, restore_model
 from dmdd.data.io import decode_image, read_image
 from dmdd.engine import fit
 from dmdd.errors import DmddError
@@ -185,18 +185,21 @@ def test_folders_are_confined_to_the_data_root(served, tmp_path):
         assert r.status_code == 403 and "outside the data root" in r.json()["detail"], folder
     assert c.get("/folders", params={"path": "escape"}).status_code == 403
     assert c.post("/inspect/folder", json={"folder": "no/such"}).status_code == 404
-    assert c.post("/inspect/folder", json={"folder": f"{category}/ground_truth"}).status_code in (404, 200)
+    # ground_truth holds only the defect-type folders of masks: no image at its top, and folders are not searched
+    masks_only = c.post("/inspect/folder", json={"folder": f"{category}/ground_truth"})
+    assert masks_only.status_code == 404 and "holds no image" in masks_only.json()["detail"]
     closed = client(served, data_root=None)
     assert closed.post("/inspect/folder", json={"folder": category}).status_code == 403
 
 
-def wait_for(c: TestClient, job_id: str, states: set[str], timeout: float = 240) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def wait_for(c: TestClient, job_id: str, states: set[str], timeout: float = 240, until=lambda status: True) -> dict:
+    """Poll the job until its state is one of ``states`` and ``until(status)`` holds (or it left ``running``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         status = c.get(f"/jobs/{job_id}").json()
-        if status["state"] in states:
+        if status["state"] in states and (until(status) or status["state"] != "running"):
             return status
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise AssertionError(f"job {job_id} did not reach {states}: {status}")
 
 
@@ -229,11 +232,18 @@ def test_a_stopped_job_stops_and_keeps_the_server_running(served):
         job = c.post("/jobs", json={"folder": served["category"].name, "minutes": 30,
                                     "backbone": "efficientnet_lite0"}).json()  # fmt: skip
         assert job["state"] == "running"
-        time.sleep(3)
-        assert c.post(f"/jobs/{job['id']}/stop").json()["state"] in ("stopping", "stopped")
+        # Stop once the first epoch is logged (its checkpoint is written before the log line): mid-run, with
+        # 30 minutes of training left.
+        first = wait_for(c, job["id"], {"running", "failed", "finished"}, until=lambda s: s["epoch"] >= 1)
+        assert first["state"] == "running", first
+        stopping = c.post(f"/jobs/{job['id']}/stop").json()
+        # "stopped" only if the process ended and was collected between the signal and this answer
+        assert stopping["state"] in ("stopping", "stopped"), stopping
         status = wait_for(c, job["id"], {"stopped", "failed", "finished"}, timeout=120)
         assert status["state"] == "stopped" and status["model"] is None
         assert c.get("/health").json()["training_job"] is None
+        (checkpoint,) = (served["out"] / "jobs2" / job["id"]).rglob("last.pt")  # the last complete epoch's
+        assert load_checkpoint(checkpoint)["epoch"] >= 1
 
 
 def test_the_page_and_its_scripts_are_served(served):

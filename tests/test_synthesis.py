@@ -44,15 +44,39 @@ def test_mask_marks_exactly_the_changed_pixels(seed):
     assert anomalous.min() >= 0 and anomalous.max() <= 1
 
 
-def test_blend_follows_the_formula():
-    image = np.full((32, 32, 3), 100, np.uint8)
-    synth = AnomalySynthesizer(SynthesisConfig(beta_max=0.5))
-    rng = np.random.default_rng(3)
-    anomalous, mask = synth(image, np.ones((32, 32), bool), rng)
-    inside = anomalous[mask == 1]
-    # I_a = (1 - β) A + β I with A in [0, 1] and β in [0, 0.5): every value within [β I, (1 - β) + β I].
-    assert (inside >= 0).all() and (inside <= 1).all()
-    assert not np.allclose(inside, 100 / 255)
+class FixedTexture:
+    """A texture source that always gives the same known texture (so A of the formula is known)."""
+
+    def __init__(self, texture: np.ndarray) -> None:
+        self.texture = texture
+
+    def sample(self, size: int, rng: np.random.Generator) -> np.ndarray:
+        return self.texture
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_blend_follows_the_formula(seed, monkeypatch):
+    """I_a = I (1 - M) + (1 - β) A M + β I M with one β ~ U[0, β_max) per image, checked pixel by pixel against
+    the known texture A (augmentation switched off) and the image I, both random colour images."""
+    from dmdd.data import synthesis
+
+    monkeypatch.setattr(synthesis, "augment_texture", lambda texture, rng: texture)
+    draw = np.random.default_rng(100 + seed)
+    image = draw.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    texture = draw.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    synth = AnomalySynthesizer(SynthesisConfig(beta_max=0.5), textures=FixedTexture(texture))
+    anomalous, mask = synth(image, np.ones((32, 32), bool), np.random.default_rng(seed))
+    i, a = image.astype(np.float64) / 255, texture.astype(np.float64) / 255
+    m = mask.astype(bool)
+    assert m.any() and (~m).any()
+    assert np.array_equal(anomalous[~m], image[~m].astype(np.float32) / 255)  # untouched outside the mask
+    # Inside, each value is an affine mix of the two: solve for β where I and A differ enough to tell
+    inside, clear = anomalous[m].astype(np.float64), np.abs(i[m] - a[m]) > 0.2
+    betas = ((inside - a[m]) / (i[m] - a[m]))[clear]
+    beta = float(np.median(betas))
+    assert 0 <= beta < 0.5 and np.abs(betas - beta).max() < 1e-5  # one β for every pixel and channel
+    expected = i * (1 - m[..., None]) + ((1 - beta) * a + beta * i) * m[..., None]
+    assert np.abs(anomalous - expected).max() < 1e-6
 
 
 def test_masks_stay_inside_the_foreground_of_an_object_image():
