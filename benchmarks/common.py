@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from dmdd.allocator import tune_allocator
 from dmdd.checkpoint import config_of, restore_model
 from dmdd.config import Config
+from dmdd.device import tune_allocator
 from dmdd.models import DMDD
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"

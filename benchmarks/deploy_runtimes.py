@@ -25,12 +25,12 @@ import torch
 from common import checkpoint_parser, open_checkpoint
 from torch.utils.data import DataLoader
 
-from dmdd import metrics
 from dmdd.data import load_category
 from dmdd.data.datasets import AnomalyDataset
-from dmdd.engine import split_holdout
-from dmdd.export import export_onnx, export_openvino
-from dmdd.inference import OnnxInferencer, OpenVinoInferencer
+from dmdd.deploy.export import export_onnx, export_openvino
+from dmdd.deploy.inference import OnnxInferencer, OpenVinoInferencer
+from dmdd.evaluation import metrics
+from dmdd.training.loop import split_holdout
 
 
 def images_of(records, cfg, with_masks: bool):

@@ -2,7 +2,7 @@
 server on 127.0.0.1 (a separate process, started here); reports p50 / p99 latency, throughput, errors and the
 server's resident memory after a warm-up and at the end.
 
-Example (results in benchmarks/results.md):
+Example (results in docs/results.md):
     python benchmarks/serve_load.py runs/tire/last.pt --images ../shared/data/tire/test --clients 4 --seconds 60
 """
 

@@ -93,7 +93,7 @@ def main() -> int:
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument("--png", type=Path, required=True)
     args = p.parse_args()
-    from dmdd.serve import ServeSettings, create_app
+    from dmdd.deploy.serve import ServeSettings, create_app
 
     with live_server(create_app(ServeSettings(models=[args.model], device="cpu"))) as url:
         seen = inspect_in_browser(url, args.images, args.png)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dmdd.config import Config
-from dmdd.demo_data import make_demo_dataset
+from dmdd.data.generated import make_demo_dataset
 
 SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 
@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
     if os.environ.get(BENCH_ENV) == "1":
         return
     for item in items:
-        if "benchmark" in item.keywords:
+        if item.get_closest_marker("benchmark") is not None:  # the marker, not a folder named benchmark
             item.add_marker(pytest.mark.skip(reason=BENCH_SKIP))
 
 
@@ -92,10 +92,10 @@ def read_labelled_test_set(category: Path) -> tuple[torch.Tensor, np.ndarray, np
 
 def reference_metrics(scores: np.ndarray, maps: np.ndarray, labels: np.ndarray, masks: np.ndarray) -> dict:
     """I-AUROC, P-AUROC (scikit-learn), image and pixel F1-max (scikit-learn's precision-recall curve) and AU-PRO
-    (dmdd.metrics.au_pro, itself checked against a brute-force sweep in test_metrics) of given model outputs."""
+    (dmdd.evaluation.metrics.au_pro, itself checked against a brute-force sweep in test_metrics) of given model outputs."""
     from sklearn.metrics import precision_recall_curve, roc_auc_score
 
-    from dmdd.metrics import au_pro
+    from dmdd.evaluation.metrics import au_pro
 
     def f1_max(y, s):
         precision, recall, _ = precision_recall_curve(y, s)

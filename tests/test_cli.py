@@ -80,12 +80,12 @@ def test_export_with_parity_and_runtime_inference(trained, tiny_tree, tmp_path, 
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # the export's own check; the relative difference is the absolute one over max(1, |output|), never larger
     assert report["max_rel_diff"] <= 1e-4 and report["max_abs_diff"] >= report["max_rel_diff"]
-    from dmdd.geometry import from_square, to_square
-    from dmdd.inference import OnnxInferencer, OpenVinoInferencer
-    from dmdd.predict import Predictor
+    from dmdd.data.geometry import from_square, to_square
+    from dmdd.deploy.inference import OnnxInferencer, OpenVinoInferencer
+    from dmdd.deploy.predict import Predictor
 
     # The exported graph's maps and scores equal eager PyTorch's on the generated test images (not the export's
-    # random check images), up to float32 rounding: 1e-4 of max(1, max |output|), dmdd.export's tolerance (the
+    # random check images), up to float32 rounding: 1e-4 of max(1, max |output|), dmdd.deploy.export's tolerance (the
     # summed standardised maps reach ~100, where float32 rounding alone is ~1e-5; measured on a demo model: < 1e-6
     # for ONNX and OpenVINO, 0 for TorchScript).
     model, _ = restore_model(trained / "last.pt")
@@ -122,7 +122,7 @@ def test_export_with_parity_and_runtime_inference(trained, tiny_tree, tmp_path, 
 
 
 def test_train_over_a_dataset_root_trains_every_category(tmp_path):
-    from dmdd.demo_data import make_demo_dataset
+    from dmdd.data.generated import make_demo_dataset
 
     for name in ("metal", "fabric"):
         make_demo_dataset(tmp_path / "data", name, size=64, train=4, test_good=1, test_per_defect=1)

@@ -21,9 +21,9 @@ from PIL import Image
 from dmdd.checkpoint import load_checkpoint, restore_model, save_checkpoint
 from dmdd.cli import main
 from dmdd.data import load_category, read_image
-from dmdd.engine import fit
+from dmdd.deploy.predict import Predictor, expand_inputs
 from dmdd.errors import CheckpointError, ImageReadError
-from dmdd.predict import Predictor, expand_inputs
+from dmdd.training.loop import fit
 
 
 def test_truncated_jpeg_and_one_pixel_image(tmp_path):

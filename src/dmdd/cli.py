@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from dmdd import __version__
-from dmdd.allocator import tune_allocator
 from dmdd.config import Config, load_config
+from dmdd.device import tune_allocator
 from dmdd.errors import DmddError
 
 EPILOG = "Every option also lives in the YAML config (--config); command-line values win. See README.md."
@@ -185,7 +185,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dmdd.data.datasets import detect_layout, list_categories
-    from dmdd.engine import fit
+    from dmdd.training.loop import fit
 
     cfg = resolve_config(args)
     if args.normal_dir:
@@ -215,9 +215,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     from dmdd.checkpoint import config_of, restore_model
-    from dmdd.engine import select_device
+    from dmdd.device import select_device
     from dmdd.evaluation import evaluate
-    from dmdd.report import write_report
+    from dmdd.evaluation.report import write_report
 
     if args.threads:
         import torch
@@ -283,7 +283,7 @@ def _test_category(args: argparse.Namespace, cfg: Config):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from dmdd.predict import Predictor, expand_inputs
+    from dmdd.deploy.predict import Predictor, expand_inputs
 
     if args.threads:
         import torch
@@ -304,7 +304,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from dmdd.checkpoint import restore_model
-    from dmdd.export import export_onnx, export_openvino, export_torchscript
+    from dmdd.deploy.export import export_onnx, export_openvino, export_torchscript
 
     if args.format != "torchscript":
         try:
@@ -368,7 +368,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from dmdd.serve import ServeSettings, create_app
+        from dmdd.deploy.serve import ServeSettings, create_app
     except ImportError as exc:
         missing = exc.name
         raise DmddError(f"dmdd serve needs the serve extra ({missing} is missing): pip install 'dmdd[serve]'") from None
@@ -394,7 +394,7 @@ COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "expor
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tune_allocator()  # large tensors from the heap, not fresh pages: ~1.5-2x on CPU (dmdd.allocator)
+    tune_allocator()  # large tensors from the heap, not fresh pages: ~1.5-2x on CPU (dmdd.device)
     try:
         return COMMANDS[args.command](args)
     except DmddError as exc:

@@ -1,6 +1,6 @@
 """Configuration: frozen dataclasses validated on construction, to and from YAML.
 
-Every value ``DESIGN.md`` marks *(chosen)* lives here, never as a literal in model or engine code.
+Every value docs/design.md marks *(chosen)* lives here, never as a literal in model or engine code.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _stage_set(name: str, value: Any) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Networks (DESIGN §1, §4).
+    """Networks (docs/design.md §1, §4).
 
     Attributes:
         backbone: registered backbone name (``wide_resnet50_2`` is the paper's).
@@ -161,13 +161,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SynthesisConfig:
-    """Foreground-aware Anomaly Synthesis (DESIGN §2).
+    """Foreground-aware Anomaly Synthesis (docs/design.md §2).
 
     Attributes:
         texture_dir: folder of texture images (DTD); ``None`` uses procedural textures.
         fas: restrict anomalies to the foreground; ``False`` is the "-FAS" ablation.
         foreground: ``auto`` (object when GrabCut covers < ``object_max_coverage``), ``object`` or ``texture``.
-        perlin_max_scale_exp: Perlin scale 2^k with k ~ U{0..this} (DRAEM and DESIGN §2: 0..5).
+        perlin_max_scale_exp: Perlin scale 2^k with k ~ U{0..this} (DRAEM and docs/design.md §2: 0..5).
         perlin_threshold: threshold on the rotated Perlin noise.
         beta_max: blend opacity β ~ U(0, beta_max).
         grabcut_iterations: GrabCut iterations.
@@ -211,7 +211,7 @@ class SynthesisConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and run control (DESIGN §5).
+    """Optimisation and run control (docs/design.md §5).
 
     Attributes:
         epochs: number of epochs; each trains the student side, then the segmentation head. The training length
@@ -222,16 +222,16 @@ class TrainConfig:
         lr_schedule: ``constant`` (paper: no schedule stated) or ``cosine`` decay to 0 over the total steps.
         warmup_steps: linear learning-rate warm-up of the student side over this many steps.
         ema_decay: exponential moving average of the student side's weights, used for the maps, statistics and
-            thresholds while the optimiser trains the raw weights (``dmdd.averaging``); 0 = off (paper: none).
+            thresholds while the optimiser trains the raw weights (``dmdd.training.averaging``); 0 = off (paper: none).
             Chosen 0.99: at the paper's constant learning rate the last weights' maps swing from snapshot to
-            snapshot; the average's do not (benchmarks/results.md §10, docs/deviations.md).
+            snapshot; the average's do not (docs/results.md, docs/deviations.md).
         update_clip: per tensor, divide the student's step size by ``max(1, RMS(g^2 / v_hat))`` (Adafactor's update
-            clipping, ``dmdd.stability``) so no tensor moves much further than usual when Adam's second moment is
+            clipping, ``dmdd.training.stability``) so no tensor moves much further than usual when Adam's second moment is
             out of date (paper: plain Adam). Off by default: at 500 steps it cost 1.3 AU-PRO on tire and 0.6
-            P-AUROC on magnetic_tile (benchmarks/results.md §10, "Stopping the spikes").
+            P-AUROC on magnetic_tile (docs/results.md).
         ema_gate: with ``ema_decay``, leave a step out of the weight average when its loss exceeds this multiple of
             the running loss level; 0 = off (paper: none). Chosen 2: it leaves the raw training untouched and kept
-            the average clear of a loss spike (benchmarks/results.md §10, docs/deviations.md).
+            the average clear of a loss spike (docs/results.md, docs/deviations.md).
         spike_rollback: with ``ema_gate``, after this many gated steps in a row copy the average into the training
             weights and clear Adam's moments, so training continues from before the spike; 0 = off (paper: none).
             Off by default: on a second tire seed it ended 0.9 AU-PRO below the gate alone (results §10).
@@ -254,7 +254,7 @@ class TrainConfig:
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         amp: bfloat16 autocast of the training forward passes (CUDA or CPU); maps and losses in fp32.
         channels_last: model and batches in channels-last memory layout while training (chosen: a Lite0 student
-            step took 2.85 s instead of 4.54 s on 2 CPU cores, benchmarks/results.md §11; the same result up to
+            step took 2.85 s instead of 4.54 s on 2 CPU cores, docs/results.md; the same result up to
             float rounding).
         num_threads: ``torch.set_num_threads``; ``None`` leaves the default.
         num_workers: DataLoader workers.

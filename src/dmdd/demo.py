@@ -9,10 +9,11 @@ import torch
 from dmdd.checkpoint import load_checkpoint, restore_model
 from dmdd.config import Config
 from dmdd.data.datasets import load_category
-from dmdd.demo_data import make_demo_dataset
-from dmdd.engine import fit, select_device
+from dmdd.data.generated import make_demo_dataset
+from dmdd.device import select_device
 from dmdd.evaluation import evaluate
-from dmdd.report import write_report
+from dmdd.evaluation.report import write_report
+from dmdd.training.loop import fit
 
 DEMO_SIZE = 128
 

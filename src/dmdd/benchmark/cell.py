@@ -87,8 +87,9 @@ def run_dmdd(data: Dataset, category: str, model: ModelSpec, budget: dict, seed:
              device_name: str) -> dict[str, Any]:  # fmt: skip
     from dmdd.checkpoint import restore_model
     from dmdd.data.datasets import load_category
-    from dmdd.engine import fit, select_device
+    from dmdd.device import select_device
     from dmdd.evaluation import compute_metrics, operating_point, predict_split
+    from dmdd.training.loop import fit
 
     cfg = dmdd_config(model, budget, seed)
     cfg = cfg.replace(data={"root": str(data.root), "category": category, "layout": data.layout},
@@ -137,7 +138,7 @@ def run_cell(cell_dir: Path) -> dict[str, Any]:
         from dmdd.benchmark.peers import run_peer
 
         body = run_peer(data, spec["category"], model, spec["budget"], spec["seed"], device_name)
-    from dmdd.engine import select_device
+    from dmdd.device import select_device
 
     device = select_device(device_name)
     record = {"id": spec["id"], "suite": spec["suite"], "dataset": data.name, "category": spec["category"],

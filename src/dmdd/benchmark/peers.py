@@ -139,7 +139,7 @@ def run_peer(data: Dataset, category: str, model: ModelSpec, budget: dict, seed:
     """Fit a peer on the category's good training images and score its test split with dmdd's metrics."""
     from dmdd.benchmark.cell import summarise_metrics
     from dmdd.data.datasets import load_category
-    from dmdd.engine import select_device
+    from dmdd.device import select_device
     from dmdd.evaluation import Predictions, compute_metrics
 
     device = select_device(device_name)

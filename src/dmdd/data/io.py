@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dmdd.data.geometry import to_square
 from dmdd.errors import DatasetError, ImageReadError, ImageTooLargeError
-from dmdd.geometry import to_square
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Images larger than this (pixels) are reduced while decoding, before any full-size array exists.

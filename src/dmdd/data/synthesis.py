@@ -1,4 +1,4 @@
-"""Anomaly synthesis after DRAEM, restricted to the foreground (paper §3.4.1, DESIGN §2).
+"""Anomaly synthesis after DRAEM, restricted to the foreground (paper §3.4.1, docs/design.md §2).
 
 Every function takes an explicit ``numpy.random.Generator``; the same generator state gives byte-identical output.
 """

@@ -1,4 +1,4 @@
-"""Backbone adapter: a pretrained CNN cut into 4 sequential stages (DESIGN §1).
+"""Backbone adapter: a pretrained CNN cut into 4 sequential stages (docs/design.md §1).
 
 Each builder returns a :class:`Backbone` whose ``stages[i]`` maps the output of stage ``i - 1`` (stage 0 takes
 the normalised image) to features at stride ``strides[i]`` with ``channels[i]`` channels.

@@ -1,4 +1,4 @@
-"""The DMDD network: frozen teacher, decoupled student with PMN, and the segmentation network (DESIGN §1, §4)."""
+"""The DMDD network: frozen teacher, decoupled student with PMN, and the segmentation network (docs/design.md §1, §4)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from dmdd.config import ModelConfig
-from dmdd.losses import cosine_distance
 from dmdd.models.backbone import Backbone, build_backbone
 from dmdd.models.global_score import FeatureGaussian
+from dmdd.models.losses import cosine_distance
 from dmdd.models.regional import RegionalGaussian
 from dmdd.models.segmentation import SegmentationHead, gaussian_blur, pyramid_upsample, top_k_score
 from dmdd.models.student import DecoupledStudent, PyramidModelingNetwork

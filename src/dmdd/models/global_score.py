@@ -1,4 +1,4 @@
-"""An image-level score from the distribution of pooled teacher features (a deviation from DESIGN §6, see
+"""An image-level score from the distribution of pooled teacher features (a deviation from docs/design.md §6, see
 docs/deviations.md).
 
 DMDD's maps compare student and teacher position by position with a cosine distance, which is blind to defects that

@@ -1,4 +1,4 @@
-"""A regional texture-statistics map for textures (a deviation from DESIGN §6, see docs/deviations.md).
+"""A regional texture-statistics map for textures (a deviation from docs/design.md §6, see docs/deviations.md).
 
 DMDD's maps compare student and teacher feature by feature with a cosine distance; on textures a defect can change
 an area's *statistics* a little without changing any single feature's direction much (magnetic_tile's "uneven"

@@ -1,4 +1,4 @@
-"""Multi-perception Segmentation Network (paper §3.4.2, DESIGN §4)."""
+"""Multi-perception Segmentation Network (paper §3.4.2, docs/design.md §4)."""
 
 from __future__ import annotations
 

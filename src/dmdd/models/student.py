@@ -1,4 +1,4 @@
-"""Decoupled student and Pyramid Modeling Network (paper §3.2, DESIGN §1)."""
+"""Decoupled student and Pyramid Modeling Network (paper §3.2, docs/design.md §1)."""
 
 from __future__ import annotations
 

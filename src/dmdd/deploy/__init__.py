@@ -1,0 +1,2 @@
+"""Deployment: prediction on unlabelled images, export to ONNX / OpenVINO / TorchScript with the runtime
+inferencers, and the web app (``dmdd.deploy.serve``)."""

@@ -1,0 +1,92 @@
+"""Running a model over a labelled split: image scores, maps at the evaluation size, masks and labels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from dmdd.config import Config
+from dmdd.data.datasets import AnomalyDataset, Record
+from dmdd.data.io import read_image
+from dmdd.models.dmdd import DMDD
+
+
+@dataclass
+class Predictions:
+    """Model outputs on a labelled split, at the evaluation size.
+
+    Attributes:
+        scores: (N,) image scores.
+        maps: (N, E, E) anomaly maps.
+        masks: (N, E, E) ground truth.
+        labels: (N,) 0 normal, 1 anomalous.
+        defect_types: N names.
+        paths: N image paths.
+        has_mask: (N,) whether the image's ground truth is known per pixel (good images always; defect images
+            only with a mask file); ``None``: all.
+    """
+
+    scores: np.ndarray
+    maps: np.ndarray
+    masks: np.ndarray
+    labels: np.ndarray
+    defect_types: list[str]
+    paths: list[str]
+    has_mask: np.ndarray | None = None
+    resize: str = "squash"
+
+    def pixel_labelled(self) -> np.ndarray:
+        return np.ones(self.labels.size, bool) if self.has_mask is None else np.asarray(self.has_mask, bool)
+
+
+@torch.inference_mode()
+def run_model(model: DMDD, images: torch.Tensor, device: torch.device, size: int | None = None):
+    """Eval forward on a batch of (B, 3, S, S) images -> (scores (B,), maps (B, size, size)) as numpy."""
+    out = model(images.to(device))
+    maps = out.anomaly_map
+    if size is not None and maps.shape[-1] != size:
+        maps = torch.nn.functional.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+    return out.pred_score.float().cpu().numpy(), maps[:, 0].float().cpu().numpy()
+
+
+def predict_split(model: DMDD, records: list[Record], cfg: Config, device: torch.device, batch_size: int = 8):
+    """Run the model over a labelled split; masks are read at ``cfg.train.eval_size`` (nearest)."""
+    model.eval()
+    eval_size = cfg.train.eval_size
+    data = AnomalyDataset(records, cfg.model.image_size, mask_size=eval_size, resize=cfg.model.resize)
+    scores, maps, masks, labels, types, paths, has_mask = [], [], [], [], [], [], []
+    for batch in DataLoader(data, batch_size=batch_size, num_workers=cfg.train.num_workers):
+        has_mask.append(np.asarray(batch["has_mask"], bool))
+        s, m = run_model(model, batch["image"], device, eval_size)
+        scores.append(s)
+        maps.append(m.astype(np.float32))
+        masks.append(batch["mask"][:, 0].numpy().astype(bool))
+        labels.append(np.asarray(batch["label"]))
+        types += list(batch["defect_type"])
+        paths += list(batch["path"])
+    return Predictions(np.concatenate(scores), np.concatenate(maps), np.concatenate(masks), np.concatenate(labels),
+                       types, paths, np.concatenate(has_mask), cfg.model.resize)  # fmt: skip
+
+
+def preload_images(records: list[Record], cfg: Config) -> torch.Tensor:
+    """The images of ``records`` decoded once at the model size: (N, 3, S, S) uint8 (what :class:`AnomalyDataset`
+    yields, times 255), for passes repeated every epoch."""
+    size, mode = cfg.model.image_size, cfg.model.resize
+    images = [torch.tensor(read_image(r.image, size, mode)).permute(2, 0, 1) for r in records]
+    return torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+
+
+def image_batches(images: list[Record] | torch.Tensor, cfg: Config, batch_size: int) -> Iterator[torch.Tensor]:
+    """(B, 3, S, S) float images in [0, 1] from records (decoded by a DataLoader) or a :func:`preload_images`
+    tensor (the same values)."""
+    if isinstance(images, torch.Tensor):
+        for start in range(0, len(images), batch_size):
+            yield images[start : start + batch_size].float() / 255.0
+        return
+    data = AnomalyDataset(images, cfg.model.image_size, resize=cfg.model.resize)
+    for batch in DataLoader(data, batch_size=batch_size, num_workers=cfg.train.num_workers):
+        yield batch["image"]

