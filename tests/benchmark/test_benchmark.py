@@ -3,6 +3,7 @@ results page regenerated from records."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -221,3 +222,18 @@ def test_the_deployment_runtime_driver_runs_on_a_tiny_model(tiny_tree, tmp_path)
     rows = json.loads((tmp_path / "deploy" / "deploy.json").read_text())["rows"]
     assert rows["eager fp32"]["max_abs_map_diff"] == 0.0
     assert rows["ONNX Runtime fp32"]["max_rel_map_diff"] < 1e-4  # an exported fp32 graph computes the same maps
+
+
+@pytest.mark.skipif(importlib.util.find_spec("anomalib") is None,
+                    reason="peers: anomalib is not installed (pip install 'dmdd[peers]')")  # fmt: skip
+def test_peers_run_as_cells_and_are_scored_by_dmdds_metric_code(tmp_path, tiny_tree):
+    path = write_suite(tmp_path / "suite.yaml", tiny_tree, budgets=[{"steps": 2}], models=[
+        {"name": "pc", "kind": "patchcore", "backbone": "efficientnet_lite0", "image_size": 64},
+        {"name": "st", "kind": "stfpm", "backbone": "efficientnet_lite0", "image_size": 64}])  # fmt: skip
+    result = run_suite(load_suite(path), progress=False)
+    assert not result["failed"], result["failed"]
+    by_model = {r["model"]: r for r in result["cells"]}
+    assert by_model["st"]["train"]["steps"] == 2 and by_model["pc"]["train"]["memory_bank"] > 0
+    for r in by_model.values():  # every test image scored, pixel metrics from the same masks as dmdd's
+        assert r["metrics"]["images"] == 9 and r["metrics"]["au_pro"] is not None
+        assert r["environment"]["versions"]["anomalib"]
