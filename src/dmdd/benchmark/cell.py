@@ -27,6 +27,7 @@ import torch
 
 from dmdd import __version__
 from dmdd.benchmark.suite import Dataset, ModelSpec, dmdd_config
+from dmdd.device import select_device
 
 RESULT = "cell.json"
 FAILURE = "error.json"
@@ -87,7 +88,6 @@ def run_dmdd(data: Dataset, category: str, model: ModelSpec, budget: dict, seed:
              device_name: str) -> dict[str, Any]:  # fmt: skip
     from dmdd.checkpoint import restore_model
     from dmdd.data.datasets import load_category
-    from dmdd.device import select_device
     from dmdd.evaluation import compute_metrics, operating_point, predict_split
     from dmdd.training.loop import fit
 
@@ -138,7 +138,6 @@ def run_cell(cell_dir: Path) -> dict[str, Any]:
         from dmdd.benchmark.peers import run_peer
 
         body = run_peer(data, spec["category"], model, spec["budget"], spec["seed"], device_name)
-    from dmdd.device import select_device
 
     device = select_device(device_name)
     record = {"id": spec["id"], "suite": spec["suite"], "dataset": data.name, "category": spec["category"],

@@ -24,6 +24,7 @@ KINDS = ("dmdd", "patchcore", "stfpm")
 PEER_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "wide_resnet50_2")
 PAPER_TABLES = ("mvtec", "btad", "mpdd")
 BUDGET_KEYS = ("minutes", "steps", "epochs")
+BUDGET_UNITS = {"minutes": "min", "steps": "steps", "epochs": "ep"}  # in cell ids: 10min, 250steps, 5ep
 _SUITE_KEYS = {"name", "description", "output", "results", "datasets", "models", "budgets", "seeds", "threads"}
 _DATASET_KEYS = {"name", "root", "categories", "layout", "paper"}
 _MODEL_KEYS = {"name", "kind", "config", "backbone", "image_size", "set", "options"}
@@ -64,7 +65,7 @@ class Cell:
         if not self.budget:
             return "default"
         (key, value), = self.budget.items()
-        return f"{value:g}{ {'minutes': 'min', 'steps': 'steps', 'epochs': 'ep'}[key] }"
+        return f"{value:g}{BUDGET_UNITS[key]}"
 
     @property
     def id(self) -> str:
