@@ -1,4 +1,4 @@
-"""``dmdd`` command line: train, test, predict, export, serve, benchmark, demo. Thin over the Python API.
+"""``dmdd`` command line: train, test, calibrate, predict, export, serve, benchmark, demo. Thin over the Python API.
 
 Errors a user can cause print one line (what, which file, what to do) and exit with status 2; ``--debug`` shows
 the traceback instead.
@@ -93,6 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="output folder (default: <checkpoint folder>/test)")
     p.add_argument("--eval-size", type=int, help="size of the pixel metrics (default: config, 256)")
+    _common(p)
+
+    p = sub.add_parser("calibrate", epilog=EPILOG,
+                       help="set the thresholds from a few labelled good and defective images; stores them in the "
+                            "checkpoint with an estimate of recall and false alarms on new parts")  # fmt: skip
+    p.add_argument("checkpoint", help="last.pt written by dmdd train")
+    p.add_argument("--normal-dir", help="known good parts (searched recursively)")
+    p.add_argument("--abnormal-dir", action="append", default=[], metavar="[NAME=]DIR",
+                   help="known rejects; repeat for several defect types")  # fmt: skip
+    p.add_argument("--mask-dir", help="masks of the rejects by file stem (optional; sets the pixel threshold too)")
+    p.add_argument("--rule", default="f1",
+                   help="f1 (best F1 on the labelled images, default), fpr=X (expected false-alarm rate X on new "
+                        "good parts, from the good images alone) or recall-at-fpr=X (the same limit, placed "
+                        "half-way to the next reject)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="print what would be stored; leave the checkpoint as is")
+    p.add_argument("--reset", action="store_true", help="remove labelled thresholds: training's decide again")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
     _common(p)
 
     p = sub.add_parser("predict", help="score images; writes overlays, masks, results.csv and results.json")
@@ -296,9 +313,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
                           bf16=args.bf16, compile=args.compile)  # fmt: skip
     results, failures = predictor.predict_files(paths, args.out, args.batch_size, failures=problems)
     flagged = sum(r.anomalous for r in results)
-    print(f"{len(results)} image(s) scored, {flagged} anomalous; results: {Path(args.out) / 'results.csv'}")
+    print(f"{len(results)} image(s) scored, {flagged} anomalous (image threshold {predictor.image_threshold:.6g}, "
+          f"{predictor.threshold_source}); results: {Path(args.out) / 'results.csv'}")
     for fail in failures:
         print(f"skipped {fail['path']}: {fail['error']}", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from dmdd.evaluation.labelled import calibrate_checkpoint, reset_checkpoint, summary
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.reset:
+        if args.normal_dir or args.abnormal_dir or args.dry_run:
+            raise DmddError("--reset takes no images and no --dry-run: it only removes the labelled thresholds")
+        report = reset_checkpoint(args.checkpoint)
+        print(json.dumps(report, indent=1) if args.json else f"thresholds now: {report['describe']}")
+        return 0
+    report = calibrate_checkpoint(args.checkpoint, args.normal_dir, _named_dirs(args.abnormal_dir), args.mask_dir,
+                                  args.rule, args.device or "auto", dry_run=args.dry_run)  # fmt: skip
+    print(json.dumps(report, indent=1) if args.json else summary(report))
     return 0
 
 
@@ -388,8 +425,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve,
-            "benchmark": cmd_benchmark, "demo": cmd_demo}  # fmt: skip
+COMMANDS = {"train": cmd_train, "test": cmd_test, "calibrate": cmd_calibrate, "predict": cmd_predict,
+            "export": cmd_export, "serve": cmd_serve, "benchmark": cmd_benchmark, "demo": cmd_demo}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

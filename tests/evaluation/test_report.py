@@ -62,12 +62,3 @@ def test_operating_point_counts_decisions_and_the_report_shows_it(tmp_path):
     result = compute_metrics(p) | {"operating_point": {"mode": "normal", "target_fpr": 0.01, **op}}
     text = write_report(tmp_path / "r.html", result, p, "T").read_text()
     assert "Operating point" in text and "33.3 % of 3" in text and "target false-alarm rate 1 %" in text
-
-
-def test_normal_threshold_leaves_at_most_the_target_share_above():
-    from dmdd.evaluation import normal_threshold
-
-    scores = np.arange(1000, dtype=np.float64)
-    t = normal_threshold(scores, 0.01)
-    assert (scores >= t).sum() == 10 and 989 < t <= 990
-    assert (scores[:21] >= normal_threshold(scores[:21], 0.01)).sum() == 0  # 21 images: above the largest

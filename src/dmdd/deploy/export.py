@@ -18,6 +18,7 @@ from torch import nn
 
 from dmdd import __version__
 from dmdd.errors import DmddError
+from dmdd.evaluation.labelled import describe
 from dmdd.models.dmdd import DMDD
 
 ONNX_OPSET = 17  # ONNX Runtime >= 1.11, TensorRT 8.5+, OpenVINO 2022.3+ all run opset 17
@@ -57,6 +58,7 @@ def metadata(model: DMDD, thresholds: dict[str, Any] | None) -> dict[str, Any]:
         "dmdd.data.io.to_square); normalisation happens inside the graph",
         "outputs": {"pred_score": "(B,)", "anomaly_map": "(B, 1, S, S)"},
         "thresholds": thresholds,
+        "threshold_source": describe(thresholds),
     }
 
 

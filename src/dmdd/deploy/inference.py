@@ -49,6 +49,8 @@ class _Inferencer:
         thresholds = meta.get("thresholds") or {}
         self.image_threshold = thresholds.get("image")
         self.pixel_threshold = thresholds.get("pixel")
+        self.threshold_source = meta.get("threshold_source") or (
+            "thresholds of the export (source not recorded)" if self.image_threshold is not None else None)
 
     def _sidecar(self) -> dict | None:
         sidecar = self.path.with_suffix(".json")

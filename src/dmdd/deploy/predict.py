@@ -19,6 +19,7 @@ from dmdd.data.io import IMAGE_SUFFIXES, list_images, read_image
 from dmdd.device import select_device
 from dmdd.errors import DmddError, ImageReadError
 from dmdd.evaluation import run_model
+from dmdd.evaluation.labelled import describe
 from dmdd.evaluation.visualize import threshold_overlay
 
 
@@ -98,6 +99,7 @@ class Predictor:
         calibrated = payload.get("thresholds") or {}
         self.image_threshold = image_threshold if image_threshold is not None else calibrated.get("image")
         self.pixel_threshold = pixel_threshold if pixel_threshold is not None else calibrated.get("pixel")
+        self.threshold_source = "given: --threshold" if image_threshold is not None else describe(calibrated)
         if self.image_threshold is None or self.pixel_threshold is None:
             raise DmddError(
                 f"checkpoint {checkpoint} holds no calibrated thresholds (training did not finish); "
@@ -165,6 +167,7 @@ class Predictor:
         summary = {
             "image_threshold": self.image_threshold,
             "pixel_threshold": self.pixel_threshold,
+            "threshold_source": self.threshold_source,
             "images": [asdict(r) for r in results],
             "failed": failures,
         }

@@ -14,6 +14,7 @@ from dmdd.config import Config
 from dmdd.data.datasets import Record
 from dmdd.data.io import read_image
 from dmdd.evaluation import metrics
+from dmdd.evaluation.labelled import describe
 from dmdd.evaluation.predictions import Predictions, predict_split
 from dmdd.evaluation.thresholds import operating_point
 from dmdd.evaluation.visualize import heatmap_panel
@@ -115,7 +116,8 @@ def evaluate(
     if thresholds and thresholds.get("image") is not None:
         normal = thresholds.get("normal") or {}
         result["operating_point"] = {"mode": thresholds.get("mode", "synthetic"), "target_fpr": normal.get(
-            "target_fpr", cfg.train.target_fpr), **operating_point(predictions, thresholds["image"])}  # fmt: skip
+            "target_fpr", cfg.train.target_fpr), "threshold_source": describe(thresholds),
+            **operating_point(predictions, thresholds["image"])}  # fmt: skip
     if out_dir is not None:
         out = Path(out_dir)
         write_metrics(result, out, title)

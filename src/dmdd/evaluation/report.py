@@ -113,6 +113,7 @@ def _operating_html(result: dict[str, Any]) -> str:
     how = ("held-out good training images only, target false-alarm rate "
            f"{_fmt(100 * op['target_fpr'])} %" if op["mode"] == "normal"
            else "held-out good training images against synthetic anomalies")  # fmt: skip
+    how = op.get("threshold_source", how) if op["mode"] == "labelled" else how
     rows = [("image threshold", _fmt(op["threshold"]) + f" (calibrated on {how})")]
     if op["false_alarm_rate"] is not None:
         rows.append(("false alarms on good images",

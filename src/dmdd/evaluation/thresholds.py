@@ -3,6 +3,7 @@ the decisions a threshold makes on a labelled split."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -27,11 +28,39 @@ def _youden_threshold(normal: np.ndarray, anomalous: np.ndarray) -> float:
 
 
 def normal_threshold(normal: np.ndarray, target_fpr: float) -> float:
-    """Smallest sample quantile that leaves at most ``target_fpr`` of the good-sample scores above it (``score >= t``
-    is anomalous): with few held-out images this is their maximum or close to it."""
+    """The threshold (``score >= t`` is anomalous) that a new good sample exceeds with probability at most
+    ``target_fpr``, from good samples alone: see :func:`normal_threshold_method`."""
+    return normal_threshold_method(normal, target_fpr)[0]
+
+
+def normal_threshold_method(normal: np.ndarray, target_fpr: float) -> tuple[float, str]:
+    """(threshold, method) from good samples alone at a target false-alarm rate on new good samples.
+
+    ``quantile``: just above the k-th highest of the n samples, k = floor(target (n + 1)); a new exchangeable sample
+    lies above it with probability k / (n + 1) <= target (the conformal quantile, no assumption on the scores).
+
+    ``tail``: with fewer than 1/target - 1 samples no order statistic is high enough (5 held-out images cannot set a
+    1 % rate: above their maximum a new one still lies with probability 1/6). Then a normal distribution is fitted to
+    the scores and the threshold is the upper one-sided prediction bound m + t s sqrt(1 + 1/n) at level 1 - target
+    (t: Student's t quantile, n - 1 degrees of freedom), never below the samples' maximum. Image scores are sums of
+    standardised parts (they can be negative), so the fit is on the scores themselves; measured against the
+    maximum on subsampled hold-outs in docs/results.md, section 5. With fewer than 3 samples nothing can be fitted
+    and the maximum is used (``max``).
+    """
+    from scipy import stats
+
+    from dmdd.evaluation.labelled import allowed_above
+
     flat = np.sort(np.asarray(normal, dtype=np.float64).ravel())
-    allowed = int(np.floor(target_fpr * flat.size))  # samples that may lie strictly above the threshold
-    return float(np.nextafter(flat[flat.size - 1 - allowed], np.inf))
+    n = flat.size
+    allowed = allowed_above(n, target_fpr)
+    if allowed >= 0:
+        return float(np.nextafter(flat[n - 1 - allowed], np.inf)), "quantile"
+    above_max = float(np.nextafter(flat[-1], np.inf))
+    if n < 3:
+        return above_max, "max"
+    bound = flat.mean() + stats.t.ppf(1 - target_fpr, n - 1) * flat.std(ddof=1) * np.sqrt(1 + 1 / n)
+    return max(float(bound), above_max), "tail"
 
 
 @torch.inference_mode()
@@ -66,9 +95,15 @@ def calibrate(model: DMDD, records: list[Record], cfg: Config, device: torch.dev
     normal_s, anomalous_s = np.concatenate(normal_scores), np.concatenate(anomalous_scores)
     normal_m, anomalous_m, masks = map(np.concatenate, (normal_maps, anomalous_maps, anomalous_masks))
     t = cfg.train
-    by_normal = {"image": normal_threshold(normal_s, t.target_fpr),
-                 "pixel": normal_threshold(normal_m, t.pixel_target_fpr),
+    image_t, method = normal_threshold_method(normal_s, t.target_fpr)
+    by_normal = {"image": image_t, "method": method, "pixel": normal_threshold(normal_m, t.pixel_target_fpr),
                  "target_fpr": t.target_fpr, "pixel_target_fpr": t.pixel_target_fpr}  # fmt: skip
+    if method != "quantile":
+        by_normal["note"] = (
+            f"{normal_s.size} held-out good image(s) cannot set a {100 * t.target_fpr:g} % false-alarm rate by a "
+            f"quantile (that needs {math.ceil(1 / t.target_fpr - 1)}); the image threshold is "
+            + ("a normal tail fitted to their scores" if method == "tail" else "their maximum")
+            + "; label a few good and defective parts and run dmdd calibrate for a threshold you can trust")
     pixel_maps, pixel_masks = np.concatenate([normal_m, anomalous_m]), np.concatenate([np.zeros_like(masks), masks])
     by_synthetic = {
         "image": _youden_threshold(normal_s, anomalous_s),
@@ -104,8 +139,16 @@ def operating_point(p: Predictions, threshold: float) -> dict[str, Any]:
         "defective_images": int((~good).sum()),
         "per_defect_type": {t: float(flagged[types == t].mean()) for t in sorted(set(types) - {"good"})},
     }
-    if good.any() and (~good).any():  # the best detection rate the scores allow at the same false-alarm rate
-        allowed = int(np.floor(out["false_alarm_rate"] * good.sum()))
-        best_t = np.sort(p.scores[good])[good.sum() - 1 - allowed] if allowed < good.sum() else -np.inf
-        out["best_detection_rate_at_same_false_alarms"] = float((p.scores[~good] > best_t).mean())
+    if good.any() and (~good).any():
+        out["best_detection_rate_at_same_false_alarms"] = best_detection_at(p.scores[good], p.scores[~good],
+                                                                            out["false_alarm_rate"])  # fmt: skip
     return out
+
+
+def best_detection_at(good: np.ndarray, bad: np.ndarray, false_alarm_rate: float) -> float:
+    """The largest share of ``bad`` scores any threshold flags while flagging at most ``false_alarm_rate`` of
+    ``good``: what the ranking allows at that false-alarm rate."""
+    good = np.sort(np.asarray(good, np.float64))
+    allowed = int(np.floor(false_alarm_rate * good.size + 1e-9))
+    best_t = good[good.size - 1 - allowed] if allowed < good.size else -np.inf
+    return float((np.asarray(bad) > best_t).mean())

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -388,6 +389,8 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
         with _weights_for_maps(average, guard) as extra:
             # Thresholds from held-out normal training images (all training images when none are held out).
             thresholds = calibrate(model, holdout or train_records, cfg, device)
+            if thresholds["normal"].get("note"):
+                print(f"dmdd: {thresholds['normal']['note']}", file=sys.stderr)
             save_state(ckpt_path, cfg, model, student_opt, seg_opt, state, thresholds=thresholds, **extra)
     ctx.barrier()
     return ckpt_path

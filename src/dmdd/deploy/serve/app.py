@@ -2,8 +2,8 @@
 
 Endpoints (the framework documents them at ``/docs``): ``GET /health``, ``GET /models``,
 ``POST /models/{name}/activate``, ``POST /predict`` (uploaded images), ``POST /inspect/folder`` (a folder under
-``data_root``), ``GET /folders``, and training jobs: ``POST /jobs``, ``GET /jobs``, ``GET /jobs/{id}``,
-``POST /jobs/{id}/stop``. The browser app is ``/``.
+``data_root``), ``GET /folders``, ``POST /calibrate`` (thresholds from labelled images), and training jobs:
+``POST /jobs``, ``GET /jobs``, ``GET /jobs/{id}``, ``POST /jobs/{id}/stop``. The browser app is ``/``.
 
 Example:
     >>> from dmdd.deploy.serve import ServeSettings, create_app
@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 import cv2
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -30,7 +30,8 @@ from dmdd import __version__
 from dmdd.data.io import IMAGE_SUFFIXES, decode_image, list_images, read_image
 from dmdd.deploy.serve.jobs import JobBusy, JobRunner, TrainingJob
 from dmdd.deploy.serve.models import Registry, ServedModel
-from dmdd.errors import ImageReadError, ImageTooLargeError
+from dmdd.errors import DmddError, ImageReadError, ImageTooLargeError
+from dmdd.evaluation.labelled import describe, digest, labelled_thresholds, provenance, with_labelled
 from dmdd.evaluation.visualize import threshold_overlay
 
 STATIC = Path(__file__).parent / "static"
@@ -112,21 +113,39 @@ class Server:
 
     def folder(self, folder: str) -> Path:
         """A folder under the data root: no '..' and no symlink leads outside it."""
-        if self.data_root is None:
-            raise HTTPException(403, "server-side folders are off: start dmdd serve with --data-root")
-        path = (self.data_root / folder.lstrip("/")).resolve()
-        if not path.is_relative_to(self.data_root):
-            raise HTTPException(403, f"folder {folder!r} lies outside the data root")
+        path = self._under_root(folder, "folder")
         if not path.is_dir():
             raise HTTPException(404, f"folder {folder!r} not found under the data root")
         return path
 
+    def file(self, relative: str) -> Path:
+        """A file under the data root, confined as :meth:`folder`."""
+        path = self._under_root(relative, "file")
+        if not path.is_file():
+            raise HTTPException(404, f"file {relative!r} not found under the data root")
+        return path
+
+    def _under_root(self, relative: str, what: str) -> Path:
+        if self.data_root is None:
+            raise HTTPException(403, f"server-side {what}s are off: start dmdd serve with --data-root")
+        path = (self.data_root / relative.lstrip("/")).resolve()
+        if not path.is_relative_to(self.data_root):
+            raise HTTPException(403, f"{what} {relative!r} lies outside the data root")
+        return path
+
     async def read_upload(self, upload: UploadFile) -> np.ndarray:
         """An uploaded image as (H, W, 3) uint8 RGB, or a 4xx naming the file."""
+        return (await self.read_upload_bytes(upload))[1]
+
+    async def read_upload_bytes(self, upload: UploadFile) -> tuple[bytes, np.ndarray]:
+        """(the file's bytes, the image), or a 4xx naming the file."""
         name, limit = upload.filename or "upload", self.settings.max_upload_bytes
         data = await upload.read(limit + 1)
         if len(data) > limit:
             raise HTTPException(413, f"{name}: larger than the upload limit of {limit} bytes")
+        return data, self.decode(data, name)
+
+    def decode(self, data: bytes, name: str) -> np.ndarray:
         try:
             return decode_image(data, name, self.settings.max_pixels)
         except ImageTooLargeError as exc:
@@ -137,9 +156,10 @@ class Server:
 
 
 def thresholds(model: ServedModel, image_t: float | None, pixel_t: float | None) -> dict:
-    """The request's thresholds, else the model's calibrated ones."""
+    """The request's thresholds, else the model's calibrated ones, and which decided."""
     return {"image_threshold": model.image_threshold if image_t is None else image_t,
-            "pixel_threshold": model.pixel_threshold if pixel_t is None else pixel_t}  # fmt: skip
+            "pixel_threshold": model.pixel_threshold if pixel_t is None else pixel_t,
+            "threshold_source": model.threshold_source if image_t is None else "given: ?threshold="}  # fmt: skip
 
 
 def rows(model: ServedModel, named: list[tuple[str, np.ndarray]], used: dict, maps: bool) -> list[dict]:
@@ -225,7 +245,8 @@ async def predict(
     if map == "png":
         row = body["results"][0]
         headers = {"X-Dmdd-Score": f"{row['score']:.6g}", "X-Dmdd-Anomalous": str(row["anomalous"]).lower(),
-                   "X-Dmdd-Threshold": str(body["image_threshold"])}  # fmt: skip
+                   "X-Dmdd-Threshold": str(body["image_threshold"]),
+                   "X-Dmdd-Threshold-Source": str(body["threshold_source"])}  # fmt: skip
         return Response(base64.b64decode(row["overlay_png"]), media_type="image/png", headers=headers)
     return body
 
@@ -265,6 +286,53 @@ def inspect_folder(
                 failed.append({"name": str(path.relative_to(root)), "error": exc.reason})
         results += rows(chosen, named, used, map == "base64") if named else []
     return {"model": chosen.name, **used, "results": results, "failed": failed}
+
+
+@router.post("/calibrate", summary="thresholds from images labelled good / defective (uploads or data-root files)")
+async def calibrate(
+    server: ServerDep,
+    good: Annotated[list[UploadFile], File(description="known good images")] = [],  # noqa: B006 - FastAPI form
+    defective: Annotated[list[UploadFile], File(description="known defective images")] = [],  # noqa: B006
+    good_paths: Annotated[list[str], Form(description="known good images under the data root")] = [],  # noqa: B006
+    defective_paths: Annotated[list[str], Form(description="known defective images under the data root")] = [],  # noqa: B006
+    rule: Annotated[str, Query(description="f1, fpr=X or recall-at-fpr=X (as dmdd calibrate --rule)")] = "f1",
+    save: Annotated[bool, Query(description="store the thresholds in the model's checkpoint")] = False,
+    model: ModelName = None,
+) -> dict:
+    """Score the labelled images, set the image threshold by ``rule`` (the code of ``dmdd calibrate``) and return
+    every labelled score with the threshold and the cross-validated estimate; ``save=true`` stores it in the
+    checkpoint (atomically) and the model decides with it from then on."""
+    chosen = server.model(model)
+    if save and chosen.runtime != "pytorch":
+        raise HTTPException(400, f"{chosen.name} is an exported model: calibrate its checkpoint (dmdd calibrate) "
+                                 "and export again")  # fmt: skip
+    if len(good) + len(defective) + len(good_paths) + len(defective_paths) > server.settings.max_files * 4:
+        raise HTTPException(413, f"at most {server.settings.max_files * 4} labelled images per calibration")
+    named, labels, files = [], [], {}
+    for label, uploads, paths in ((0, good, good_paths), (1, defective, defective_paths)):
+        for i, upload in enumerate(uploads):
+            data, image = await server.read_upload_bytes(upload)
+            name = upload.filename or f"upload-{label}-{i}"
+            named.append((name, image))
+            files[f"upload:{name}"] = digest(data)
+            labels.append(label)
+        for relative in paths:
+            path = server.file(relative)
+            data = path.read_bytes()
+            named.append((relative, server.decode(data, relative)))
+            files[relative] = digest(data)
+            labels.append(label)
+    scores = np.array([s.score for s in chosen.score([im for _, im in named])]) if named else np.zeros(0)
+    try:
+        labelled = labelled_thresholds(scores, np.array(labels, int), rule)
+    except DmddError as exc:
+        raise HTTPException(400, str(exc)) from None
+    labelled |= provenance(files, labels, 0, f"dmdd serve, model {chosen.name}")
+    if save:
+        chosen.set_thresholds(with_labelled(chosen.stored_thresholds(), labelled))
+    return {"model": chosen.name, "rule": rule, "saved": save, "labelled": labelled,
+            "scores": [{"name": n, "label": y, "score": float(s)} for (n, _), y, s in zip(named, labels, scores)],
+            "threshold_source": describe(with_labelled(None, labelled)), **thresholds(chosen, None, None)}  # fmt: skip
 
 
 @router.post("/jobs", status_code=201, summary="start training on a folder of good images (one job at a time)")

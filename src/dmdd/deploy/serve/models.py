@@ -36,12 +36,33 @@ class ServedModel:
     pixel_threshold: float | None
     training_data: str | None
     engine: Any = field(repr=False)
+    threshold_source: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path), "runtime": self.runtime, "backbone": self.backbone,
                 "image_size": self.image_size, "resize": self.resize, "image_threshold": self.image_threshold,
-                "pixel_threshold": self.pixel_threshold, "training_data": self.training_data}  # fmt: skip
+                "pixel_threshold": self.pixel_threshold, "threshold_source": self.threshold_source,
+                "training_data": self.training_data}  # fmt: skip
+
+    def stored_thresholds(self) -> dict[str, Any] | None:
+        """The thresholds in the checkpoint file as it is now (PyTorch models)."""
+        from dmdd.checkpoint import load_checkpoint
+
+        return load_checkpoint(self.path).get("thresholds")
+
+    def set_thresholds(self, thresholds: dict[str, Any]) -> None:
+        """Store new thresholds in the checkpoint (atomic write) and decide with them from now on."""
+        from dmdd.checkpoint import load_checkpoint, save_checkpoint
+        from dmdd.evaluation.labelled import describe
+
+        with self.lock:
+            stored = load_checkpoint(self.path)
+            stored["thresholds"] = thresholds
+            save_checkpoint(self.path, stored)
+            self.image_threshold = self.engine.image_threshold = thresholds["image"]
+            self.pixel_threshold = self.engine.pixel_threshold = thresholds["pixel"]
+            self.threshold_source = self.engine.threshold_source = describe(thresholds)
 
     def score(self, images: list[np.ndarray]) -> list[Scored]:
         """(H, W, 3) uint8 RGB images of any size -> their scores and maps (one model call per batch)."""
@@ -70,7 +91,7 @@ def load_model(path: str | Path, device: str = "auto", name: str | None = None) 
         meta = engine.meta
         return ServedModel(name, path, "onnxruntime", meta.get("backbone", "?"), engine.image_size, engine.resize,
                            engine.image_threshold, engine.pixel_threshold, meta.get("training_data"),
-                           engine)  # fmt: skip
+                           engine, engine.threshold_source)  # fmt: skip
     from dmdd.checkpoint import config_of, load_checkpoint
     from dmdd.deploy.predict import Predictor
 
@@ -79,7 +100,8 @@ def load_model(path: str | Path, device: str = "auto", name: str | None = None) 
     root, category = cfg.data.root, cfg.data.category
     data = str(Path(root) / category) if root and category else root
     return ServedModel(name, path, "pytorch", cfg.model.backbone, cfg.model.image_size, cfg.model.resize,
-                       engine.image_threshold, engine.pixel_threshold, data, engine)  # fmt: skip
+                       engine.image_threshold, engine.pixel_threshold, data, engine,
+                       engine.threshold_source)  # fmt: skip
 
 
 class Registry:

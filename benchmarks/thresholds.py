@@ -1,0 +1,125 @@
+"""What a threshold does on parts it has not seen: labelled calibration (``dmdd calibrate``) from a few test images,
+and the good-images-only calibration from held-out sets of a few images.
+
+1. Labelled: ``--draws`` times, ``--labelled`` good and ``--labelled`` defective test images are drawn (seeded); each
+   rule of ``--rules`` sets the threshold on them; the rest of the test split measures recall and false alarms,
+   beside the best recall any threshold allows at the same false-alarm rate on the same rest, and beside the
+   cross-validated estimate ``dmdd calibrate`` prints from the drawn images alone.
+2. Good images only: held-out good training images (the checkpoint's own split) are subsampled to each of
+   ``--holdout-sizes``; the 1 % threshold is set by the quantile where the sample allows one and otherwise by the
+   maximum (before) or, now, a normal tail fitted to the scores (dmdd.evaluation.thresholds); false alarms and
+   recall on the whole test split.
+
+    python benchmarks/thresholds.py runs/benchmark/dev/tire/tire/dmdd-lite0-250steps-seed0/run/last.pt \
+        --category tire --out docs/results/thresholds_tire.json
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+from common import checkpoint_parser, open_checkpoint
+
+from dmdd.data import load_category
+from dmdd.device import select_device
+from dmdd.evaluation.labelled import cross_validated, parse_rule, rule_threshold
+from dmdd.evaluation.predictions import predict_split
+from dmdd.evaluation.thresholds import best_detection_at, normal_threshold_method
+from dmdd.training.loop import split_holdout
+
+
+def mean_sd(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values))}
+
+
+def labelled_study(scores: np.ndarray, labels: np.ndarray, rules: list[str], per_class: int, draws: int,
+                   seed: int) -> list[dict]:  # fmt: skip
+    good_idx, bad_idx = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    rows = []
+    for rule_text in rules:
+        rule, rate = parse_rule(rule_text)
+        seen: dict[str, list[float]] = {k: [] for k in ("recall", "fa", "best", "est_recall", "est_fa")}
+        for draw in range(draws):
+            rng = np.random.default_rng([seed, draw])
+            pick = np.r_[rng.choice(good_idx, per_class, replace=False), rng.choice(bad_idx, per_class, replace=False)]
+            rest = np.setdiff1d(np.arange(labels.size), pick)
+            s, y = scores[pick], labels[pick]
+            t = rule_threshold(s[y == 0], s[y == 1], rule, rate)
+            good_rest, bad_rest = scores[rest][labels[rest] == 0], scores[rest][labels[rest] == 1]
+            fa = float((good_rest >= t).mean())
+            seen["recall"].append(float((bad_rest >= t).mean()))
+            seen["fa"].append(fa)
+            seen["best"].append(best_detection_at(good_rest, bad_rest, fa))
+            est = cross_validated(s, y, rule, rate)
+            seen["est_recall"].append(est["recall"])
+            seen["est_fa"].append(est["false_alarm_rate"])
+        rows.append({"rule": rule_text, "labelled": f"{per_class}+{per_class}", "draws": draws,
+                     **{k: mean_sd(v) for k, v in seen.items()}})  # fmt: skip
+    return rows
+
+
+def normal_only_study(holdout: np.ndarray, scores: np.ndarray, labels: np.ndarray, sizes: list[int], rate: float,
+                      draws: int, seed: int) -> list[dict]:  # fmt: skip
+    good, bad = scores[labels == 0], scores[labels == 1]
+    rows = []
+    for n in sorted({min(s, holdout.size) for s in sizes} | {holdout.size}):
+        methods: dict[str, dict[str, list[float]]] = {}
+        for draw in range(draws if n < holdout.size else 1):
+            sample = np.random.default_rng([seed, n, draw]).choice(holdout, n, replace=False)
+            chosen, method = normal_threshold_method(sample, rate)
+            # dmdd's rule (quantile where n allows, else the fitted tail) against what it replaced (the maximum)
+            candidates = {f"dmdd: {method}": chosen, "before: maximum": float(np.nextafter(sample.max(), np.inf))}
+            for name, t in candidates.items():
+                m = methods.setdefault(name, {"fa": [], "recall": []})
+                m["fa"].append(float((good >= t).mean()))
+                m["recall"].append(float((bad >= t).mean()))
+        for name, m in methods.items():
+            rows.append({"held_out": n, "method": name, "draws": len(m["fa"]), "target_fpr": rate,
+                         "fa": mean_sd(m["fa"]), "recall": mean_sd(m["recall"])})  # fmt: skip
+    return rows
+
+
+def main() -> int:
+    p = checkpoint_parser(__doc__, threads=2)
+    p.add_argument("--draws", type=int, default=20)
+    p.add_argument("--labelled", type=int, default=10, help="labelled images per class in each draw")
+    p.add_argument("--rules", default="f1,fpr=0.1,recall-at-fpr=0.1")
+    p.add_argument("--holdout-sizes", default="5,10,20")
+    p.add_argument("--target-fpr", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path)
+    args = p.parse_args()
+    model, _, cfg = open_checkpoint(args)
+    device = select_device("cpu")
+    category = load_category(args.data, args.category)
+    _, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
+    test = predict_split(model, category.test, cfg, device)
+    held = predict_split(model, holdout, cfg, device).scores
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {
+        "checkpoint": str(args.checkpoint), "category": args.category, "commit": commit,
+        "test_good": int((test.labels == 0).sum()), "test_defective": int((test.labels == 1).sum()),
+        "held_out_good": int(held.size),
+        "labelled": labelled_study(test.scores, test.labels, args.rules.split(","), args.labelled, args.draws,
+                                   args.seed),
+        "normal_only": normal_only_study(held, test.scores, test.labels,
+                                         [int(s) for s in args.holdout_sizes.split(",")], args.target_fpr,
+                                         args.draws, args.seed),
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for row in result["labelled"]:
+        print(f"{row['rule']:>18}: recall {row['recall']['mean']:.3f}±{row['recall']['sd']:.3f} "
+              f"fa {row['fa']['mean']:.3f}±{row['fa']['sd']:.3f} best {row['best']['mean']:.3f} "
+              f"(estimated {row['est_recall']['mean']:.3f} / {row['est_fa']['mean']:.3f})")  # fmt: skip
+    for row in result["normal_only"]:
+        print(f"n={row['held_out']:3d} {row['method']:>26}: fa {row['fa']['mean']:.3f}±{row['fa']['sd']:.3f} "
+              f"recall {row['recall']['mean']:.3f}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

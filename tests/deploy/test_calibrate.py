@@ -1,0 +1,227 @@
+"""`dmdd calibrate` end to end: thresholds from labelled folders stored with their provenance, used (and named) by
+test, predict, export and serve; the web API's calibration equals the CLI's; bad input leaves the checkpoint as it
+was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import torch
+import pytest
+from conftest import tiny_config
+from fastapi.testclient import TestClient
+
+from dmdd.checkpoint import config_of, load_checkpoint, restore_model
+from dmdd.cli import main
+from dmdd.deploy.predict import Predictor
+from dmdd.deploy.serve import ServeSettings, create_app
+from dmdd.evaluation.labelled import rule_threshold
+from dmdd.evaluation.predictions import predict_split
+from dmdd.training.loop import fit
+
+RULE = "recall-at-fpr=0.5"  # 3 good images: one may lie above; the threshold sits mid-gap, away from any score
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_tree, tmp_path_factory):
+    return fit(tiny_config(tiny_tree), tmp_path_factory.mktemp("calibrate") / "run", progress=False)
+
+
+@pytest.fixture
+def ckpt(trained, tmp_path):
+    copy = tmp_path / "run" / "last.pt"
+    copy.parent.mkdir()
+    shutil.copy(trained, copy)
+    return copy
+
+
+def labelled_args(tree) -> list[str]:
+    test = tree / "test"
+    return ["--normal-dir", str(test / "good"), "--abnormal-dir", str(test / "scratch"), "--abnormal-dir",
+            f"spots={test / 'spot'}", "--mask-dir", str(tree / "ground_truth")]  # fmt: skip
+
+
+def test_calibrate_stores_the_rules_threshold_with_provenance(ckpt, tiny_tree, capsys):
+    before = load_checkpoint(ckpt)["thresholds"]
+    assert main(["calibrate", str(ckpt), *labelled_args(tiny_tree), "--rule", RULE, "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "expected on new parts (leave-one-out, 95 % interval)" in printed and "written to the checkpoint" in printed
+    stored = load_checkpoint(ckpt)["thresholds"]
+    lab = stored["labelled"]
+    # the rule applied to the model's own scores of the seven labelled images
+    model, payload = restore_model(ckpt)
+    from dmdd.data.datasets import folder_test_records
+
+    test = tiny_tree / "test"
+    records = folder_test_records({"good": test / "good", "scratch": test / "scratch", "spots": test / "spot"})
+    p = predict_split(model, records, config_of(payload), torch.device("cpu"))
+    assert stored["image"] == rule_threshold(p.scores[p.labels == 0], p.scores[p.labels == 1], "recall-at-fpr", 0.5)
+    assert stored["mode"] == "labelled" and stored["unlabelled"] == {k: before[k] for k in ("image", "pixel", "mode")}
+    assert stored["normal"] == before["normal"]  # training's operating points stay
+    # the spot images, renamed "spots", find no mask folder of that name: the pixel threshold uses the two that do
+    assert (lab["rule"], lab["good_images"], lab["defective_images"], lab["masks"]) == (RULE, 3, 4, 2)
+    assert lab["pixel"] == stored["pixel"] and "over 5 images with known pixels (2 defect masks)" in lab["pixel_source"]
+    assert lab["files"] == {str(r.image): hashlib.sha256(r.image.read_bytes()).hexdigest()[:16] for r in records}
+    assert lab["date"][:4].isdigit() and lab["dmdd"]
+    assert 0 <= lab["estimate"]["recall_95ci"][0] <= lab["estimate"]["recall"] <= lab["estimate"]["recall_95ci"][1]
+
+
+def test_test_predict_export_and_serve_decide_with_the_labelled_threshold_and_say_so(ckpt, tiny_tree, tmp_path):
+    assert main(["calibrate", str(ckpt), *labelled_args(tiny_tree), "--rule", RULE, "--threads", "1"]) == 0
+    stored = load_checkpoint(ckpt)["thresholds"]
+    source = "labelled: rule recall-at-fpr=0.5 on 3 good + 4 defective images"
+
+    assert main(["test", str(ckpt), "--data", str(tiny_tree), "--out", str(tmp_path / "t")]) == 0
+    op = json.loads((tmp_path / "t" / "metrics.json").read_text())["operating_point"]
+    assert op["threshold"] == stored["image"] and op["threshold_source"].startswith(source)
+    assert source in (tmp_path / "t" / "report.html").read_text()
+
+    assert main(["predict", str(ckpt), str(tiny_tree / "test"), "--out", str(tmp_path / "p")]) == 0
+    results = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert results["image_threshold"] == stored["image"] and results["threshold_source"].startswith(source)
+    assert all(r["anomalous"] == (r["score"] >= stored["image"]) for r in results["images"])
+    decided = {r["path"]: r["anomalous"] for r in results["images"]}
+
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "e")]) == 0
+    from dmdd.data.io import read_image
+    from dmdd.deploy.inference import OnnxInferencer
+
+    runtimes = [OnnxInferencer(tmp_path / "e" / "model.onnx")]
+    try:
+        import openvino  # noqa: F401
+
+        assert main(["export", str(ckpt), "--format", "openvino", "--out", str(tmp_path / "ov")]) == 0
+        from dmdd.deploy.inference import OpenVinoInferencer
+
+        runtimes.append(OpenVinoInferencer(tmp_path / "ov" / "model.xml"))
+    except ImportError:
+        pass
+    for runtime in runtimes:  # the exported model decides every test image as the checkpoint does
+        assert runtime.image_threshold == stored["image"] and runtime.threshold_source.startswith(source)
+        assert {path: runtime.predict(read_image(path)).anomalous for path in decided} == decided
+
+    c = TestClient(create_app(ServeSettings(models=[ckpt], device="cpu")))
+    (info,) = c.get("/models").json()["models"]
+    assert info["image_threshold"] == stored["image"] and info["threshold_source"].startswith(source)
+
+
+def test_dry_run_leaves_the_file_and_reset_goes_back_to_trainings_thresholds(ckpt, tiny_tree, capsys):
+    original = ckpt.read_bytes()
+    assert main(["calibrate", str(ckpt), *labelled_args(tiny_tree), "--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["written"] is False and ckpt.read_bytes() == original
+    assert report["thresholds"]["labelled"]["rule"] == "f1"
+    trained = load_checkpoint(ckpt)["thresholds"]
+    assert main(["calibrate", str(ckpt), *labelled_args(tiny_tree)]) == 0
+    assert main(["calibrate", str(ckpt), "--reset"]) == 0
+    back = load_checkpoint(ckpt)["thresholds"]
+    assert (back["image"], back["pixel"], back["mode"]) == (trained["image"], trained["pixel"], trained["mode"])
+    assert "labelled" not in back and "unlabelled" not in back
+
+
+def _bad_inputs(tree, tmp_path):
+    test = tree / "test"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    wrong_masks = tmp_path / "masks" / "scratch"
+    wrong_masks.mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("L", (10, 10)).save(wrong_masks / "000.png")
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(test / "scratch" / "000.png", one)
+    alien = tmp_path / "alien.pt"
+    import torch
+
+    torch.save({"weights": torch.zeros(3)}, alien)
+    good, scratch = str(test / "good"), str(test / "scratch")
+    return [
+        (["--normal-dir", good], "no defective images given"),
+        (["--abnormal-dir", scratch], "no good images given"),
+        (["--normal-dir", good, "--abnormal-dir", str(empty)], f"test folder {empty} holds no images"),
+        (["--normal-dir", str(one), "--abnormal-dir", str(one)], "at least 3 labelled images"),
+        (["--normal-dir", good, "--abnormal-dir", scratch, "--mask-dir", str(tmp_path / "masks")],
+         "is 10x10 but its image is 64x64"),
+        (["--normal-dir", good, "--abnormal-dir", scratch, "--rule", "fpr=0.01"], "give at least 99 good images"),
+        (["--normal-dir", good, "--abnormal-dir", scratch, "--rule", "f2"], "unknown --rule"),
+        (["--normal-dir", good, "--abnormal-dir", scratch, "--checkpoint-swap", str(alien)], "not a dmdd checkpoint"),
+    ]  # fmt: skip
+
+
+def test_bad_input_gives_one_line_and_leaves_the_checkpoint(ckpt, tiny_tree, tmp_path, capsys):
+    original = ckpt.read_bytes()
+    for args, message in _bad_inputs(tiny_tree, tmp_path):
+        target = str(ckpt)
+        if "--checkpoint-swap" in args:  # a checkpoint from somewhere else
+            target, args = args[-1], args[:-2]
+        assert main(["calibrate", target, *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("dmdd: error:") and message in err and len(err.splitlines()) == 1, (args, err)
+        assert ckpt.read_bytes() == original
+    assert not list(ckpt.parent.glob(".*.tmp"))  # no half-written file left beside it
+
+
+def test_an_unreadable_good_image_is_named_and_skipped(ckpt, tiny_tree, tmp_path, capsys):
+    good = tmp_path / "good"
+    shutil.copytree(tiny_tree / "test" / "good", good)
+    (good / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    args = ["--normal-dir", str(good), "--abnormal-dir", str(tiny_tree / "test" / "scratch")]
+    assert main(["calibrate", str(ckpt), *args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: skipped {good / 'broken.png'}" in out and "on 3 good + 2 defective images" in out
+
+
+def test_the_web_api_calibrates_like_the_cli_and_saves_for_later_requests(ckpt, tiny_tree, capsys):
+    root = tiny_tree.parent
+    test = tiny_tree.relative_to(root) / "test"
+    assert main(["calibrate", str(ckpt), "--normal-dir", str(tiny_tree / "test" / "good"), "--abnormal-dir",
+                 str(tiny_tree / "test" / "scratch"), "--rule", RULE, "--dry-run", "--json"]) == 0  # fmt: skip
+    cli = json.loads(capsys.readouterr().out)["thresholds"]["labelled"]
+    c = TestClient(create_app(ServeSettings(models=[ckpt], data_root=root, device="cpu")))
+    form = {"good_paths": [str(test / "good" / f"00{i}.png") for i in range(3)],
+            "defective_paths": [str(test / "scratch" / f"00{i}.png") for i in range(2)]}  # fmt: skip
+    preview = c.post(f"/calibrate?rule={RULE}", data=form).json()
+    # the same rule code on the same images; the server scores through its predictor (channels-last), the CLI
+    # through the evaluation loader: the scores agree to float rounding, so do the thresholds
+    assert preview["labelled"]["image"] == pytest.approx(cli["image"], rel=1e-5, abs=1e-6)
+    assert preview["saved"] is False and preview["image_threshold"] != preview["labelled"]["image"]
+    assert [s["label"] for s in preview["scores"]] == [0, 0, 0, 1, 1]
+    assert load_checkpoint(ckpt)["thresholds"]["mode"] != "labelled"  # a preview writes nothing
+
+    saved = c.post(f"/calibrate?rule={RULE}&save=true", data=form).json()
+    assert saved["saved"] and saved["image_threshold"] == saved["labelled"]["image"]
+    stored = load_checkpoint(ckpt)["thresholds"]
+    assert stored["image"] == saved["labelled"]["image"] and stored["labelled"]["files"].keys() == set(
+        form["good_paths"] + form["defective_paths"])
+    (info,) = c.get("/models").json()["models"]
+    assert info["threshold_source"].startswith("labelled: rule recall-at-fpr=0.5 on 3 good + 2 defective")
+    image = (tiny_tree / "test" / "spot" / "000.png").read_bytes()
+    body = c.post("/predict", files=[("files", ("s.png", image, "image/png"))]).json()
+    assert body["image_threshold"] == stored["image"] and body["threshold_source"] == info["threshold_source"]
+    assert body["results"][0]["anomalous"] == (body["results"][0]["score"] >= stored["image"])
+    assert Predictor(ckpt, "cpu").image_threshold == stored["image"]  # a fresh load reads the same
+
+
+def test_the_web_api_refuses_what_it_cannot_calibrate(ckpt, tiny_tree, tmp_path):
+    root = tiny_tree.parent
+    model, payload = restore_model(ckpt)
+    from dmdd.deploy.export import export_onnx
+
+    export_onnx(model, tmp_path / "m.onnx", payload["thresholds"])
+    c = TestClient(create_app(ServeSettings(models=[ckpt, f"onnx={tmp_path / 'm.onnx'}"], data_root=root,
+                                            device="cpu")))  # fmt: skip
+    good = {"good_paths": [str((tiny_tree / "test" / "good" / "000.png").relative_to(root))]}
+    r = c.post("/calibrate", data=good)
+    assert r.status_code == 400 and "no defective image" in r.json()["detail"]
+    r = c.post("/calibrate", data={**good, "defective_paths": ["../../etc/passwd"]})
+    assert r.status_code == 403
+    both = {**good, "defective_paths": [str((tiny_tree / "test" / "scratch" / f).relative_to(root))
+                                        for f in ("000.png", "001.png")]}  # fmt: skip
+    assert c.post("/calibrate?model=onnx", data=both).status_code == 200  # a preview works on any model
+    r = c.post("/calibrate?model=onnx&save=true", data=both)
+    assert r.status_code == 400 and "calibrate its checkpoint" in r.json()["detail"]
+    assert np.isfinite(c.post("/calibrate?rule=f1", data=both).json()["labelled"]["image"])
