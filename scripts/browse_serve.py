@@ -1,5 +1,6 @@
 """Drive the `dmdd serve` page in headless Chromium (Debian's `chromium`, through Playwright; nothing downloaded):
-upload images, read the gallery, move the threshold slider to both ends, save a screenshot.
+upload images, read the gallery, move the threshold slider to both ends, save a screenshot; or, with --defective,
+mark uploads good / defective, preview the calibration and save it.
 
 The browser test runs this against a tiny model; the screenshot in docs/ comes from a trained tire model:
 
@@ -87,19 +88,72 @@ def inspect_in_browser(base_url: str, images: list[Path], png: Path | None = Non
             browser.close()
 
 
+def calibrate_in_browser(base_url: str, good: list[Path], defective: list[Path], rule: str = "f1",
+                         png: Path | None = None) -> dict:  # fmt: skip
+    """Upload good and defective images, mark their cards, preview the calibration, then save it.
+
+    Returns the preview's text and slider value, the cards after saving, the threshold source shown and whether the
+    histogram and ROC canvases were drawn.
+    """
+    from playwright.sync_api import sync_playwright
+
+    images = [*good, *defective]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=find_chromium(), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page.goto(base_url + "/")
+            page.set_input_files("#file-input", [str(i) for i in images])
+            page.wait_for_function(f"document.querySelectorAll('.card img').length === {len(images)}", timeout=60_000)
+            for path in good:
+                page.click(f'.card[data-name="{path.name}"] .labels button[data-label="0"]')
+            for path in defective:
+                page.click(f'.card[data-name="{path.name}"] .labels button[data-label="1"]')
+            page.click("#calibration summary")
+            name, _, rate = rule.partition("=")
+            page.select_option("#rule", name)
+            if rate:
+                page.fill("#rate", rate)
+            page.click("#calibrate-preview")
+            page.wait_for_function("document.querySelector('#calibration-text').textContent.startsWith('Preview')")
+            preview = {"text": page.text_content("#calibration-text"), "threshold": page.text_content("#threshold-value"),
+                       "drawn": page.evaluate("""() => ['histogram', 'roc'].map(id => { const c = document.getElementById(id);
+                           return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v > 0); })""")}  # fmt: skip
+            page.click("#calibrate-save")
+            page.wait_for_function("document.querySelector('#calibration-text').textContent.startsWith('Saved')")
+            page.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete)")
+            saved = {"cards": cards(page), "source": page.text_content("#threshold-source"),
+                     "text": page.text_content("#calibration-text"), "counts": page.text_content("#counts")}  # fmt: skip
+            if png is not None:
+                png.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(png), full_page=True)
+            return {"preview": preview, **saved}
+        finally:
+            browser.close()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="checkpoint or exported .onnx to serve")
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument("--png", type=Path, required=True)
+    p.add_argument("--defective", nargs="+", type=Path,
+                   help="calibrate: IMAGES are known good, these known defective; the labelled thresholds are "
+                        "SAVED INTO THE MODEL's checkpoint (use a copy)")  # fmt: skip
+    p.add_argument("--rule", default="f1")
     args = p.parse_args()
     from dmdd.deploy.serve import ServeSettings, create_app
 
     with live_server(create_app(ServeSettings(models=[args.model], device="cpu"))) as url:
-        seen = inspect_in_browser(url, args.images, args.png)
+        if args.defective:
+            seen = calibrate_in_browser(url, args.images, args.defective, args.rule, args.png)
+            print(seen["preview"]["text"])
+            print(seen["text"], seen["source"], seen["counts"])
+        else:
+            seen = inspect_in_browser(url, args.images, args.png)
     for card in seen["cards"]:
         print(f"{card['score']:8.3f}  {card['decision']:9s}  {card['name']}")
-    print(f"threshold {seen['threshold']}; screenshot {args.png}")
+    print(f"threshold {seen.get('threshold') or seen['preview']['threshold']}; screenshot {args.png}")
     return 0
 
 

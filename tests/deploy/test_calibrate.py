@@ -9,8 +9,8 @@ import json
 import shutil
 
 import numpy as np
-import torch
 import pytest
+import torch
 from conftest import tiny_config
 from fastapi.testclient import TestClient
 

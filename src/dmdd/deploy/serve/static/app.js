@@ -1,5 +1,7 @@
 // dmdd inspection app: talks to the same HTTP API as any client (see /docs). Decisions follow the threshold
-// slider in the browser: moving it never re-runs the model.
+// slider in the browser: moving it never re-runs the model. Cards marked good / defect calibrate the thresholds
+// (POST /calibrate, the code of `dmdd calibrate`): a preview moves the slider to the rule's threshold and draws the
+// labelled scores' histogram and ROC curve with the operating point; saving stores it in the model's checkpoint.
 "use strict";
 
 const token = new URLSearchParams(location.search).get("token");
@@ -8,6 +10,7 @@ let results = [];            // {name, score, overlay_png, ...} of every image i
 let modelThreshold = null;   // the active model's calibrated image threshold
 let threshold = null;        // the slider's value
 let jobPoll = null;
+let calibration = null;      // the last POST /calibrate answer: labelled scores, the rule's threshold, the estimate
 
 async function api(path, options = {}) {
   const headers = Object.assign({}, options.headers || {});
@@ -31,8 +34,11 @@ document.querySelectorAll(".tab").forEach((tab) => tab.addEventListener("click",
 }));
 
 // ---- inspect
-function addResults(body) {
+function addResults(body, files = null) {
   modelThreshold = body.image_threshold;
+  $("threshold-source").textContent = body.threshold_source ? `(${body.threshold_source})` : "";
+  // uploads keep their File to be sent again for calibration; folder images are named by their data-root path
+  body.results.forEach((r, i) => { r.label = null; if (files) r.file = files[i]; else r.path = r.name; });
   results = results.concat(body.results);
   if (threshold === null) threshold = modelThreshold;
   render();
@@ -61,8 +67,14 @@ function render() {
     card.innerHTML = `<img alt="overlay of ${r.name}" title="click: overlay / mask" class="overlay"
       src="data:image/png;base64,${r.overlay_png}">
       <figcaption><div class="name"></div><span class="score">${r.score.toFixed(3)}</span>
-      <span class="decision">${anomalous ? "anomalous" : "good"}</span></figcaption>`;
+      <span class="decision">${anomalous ? "anomalous" : "good"}</span>
+      <div class="labels">label: <button data-label="0">good</button><button data-label="1">defect</button></div>
+      </figcaption>`;
     card.querySelector(".name").textContent = r.name;
+    card.querySelectorAll(".labels button").forEach((b) => {
+      b.classList.toggle("on", r.label === +b.dataset.label);
+      b.addEventListener("click", () => { r.label = r.label === +b.dataset.label ? null : +b.dataset.label; render(); });
+    });
     const img = card.querySelector("img");
     img.addEventListener("click", () => {  // the binary mask at the pixel threshold, and back
       if (!r.mask_png) return;
@@ -73,6 +85,68 @@ function render() {
     });
     return card;
   }));
+  const good = results.filter((r) => r.label === 0).length, bad = results.filter((r) => r.label === 1).length;
+  $("label-counts").textContent = `${good} good, ${bad} defect`;
+  $("calibrate-preview").disabled = $("calibrate-save").disabled = !(good && bad && good + bad >= 3);
+  drawCalibration();
+}
+
+// ---- calibrate from labelled cards
+$("rule").addEventListener("change", () => { $("rate-label").hidden = $("rule").value === "f1"; });
+
+async function calibrate(save) {
+  const form = new FormData();
+  for (const r of results.filter((x) => x.label !== null)) {
+    const kind = r.label === 1 ? "defective" : "good";
+    if (r.file) form.append(kind, r.file, r.name); else form.append(kind + "_paths", r.path);
+  }
+  const rule = $("rule").value === "f1" ? "f1" : `${$("rule").value}=${$("rate").value}`;
+  try {
+    calibration = await api(`calibrate?rule=${encodeURIComponent(rule)}&save=${save}`, { method: "POST", body: form });
+    threshold = calibration.labelled.image;
+    if (save) { modelThreshold = calibration.image_threshold; $("threshold-source").textContent = `(${calibration.threshold_source})`; loadModels(); }
+    const est = calibration.labelled.estimate, pct = (x) => (100 * x).toFixed(0) + " %";
+    const ci = (p) => `${pct(p[0])}-${pct(p[1])}`;
+    $("calibration-text").textContent = `${save ? "Saved" : "Preview"}: rule ${rule}, threshold ${threshold.toFixed(3)}. ` +
+      `Expected on new parts (${est.method}): recall ${pct(est.recall)} (95 % ${ci(est.recall_95ci)}), ` +
+      `false alarms ${pct(est.false_alarm_rate)} (95 % ${ci(est.false_alarm_95ci)}).` +
+      (save ? "" : " Nothing is stored until you save.");
+    render();
+  } catch (e) { $("calibration-text").textContent = e.message; }
+}
+$("calibrate-preview").addEventListener("click", () => calibrate(false));
+$("calibrate-save").addEventListener("click", () => calibrate(true));
+
+function drawCalibration() {
+  const hist = $("histogram"), roc = $("roc");
+  for (const c of [hist, roc]) c.getContext("2d").clearRect(0, 0, c.width, c.height);
+  if (!calibration || !calibration.scores.length) return;
+  const s = calibration.scores, ruleT = calibration.labelled.image;
+  const values = s.map((x) => x.score).concat([ruleT, threshold]);
+  const lo = Math.min(...values), hi = Math.max(...values), span = hi - lo || 1, bins = 30;
+  const x = (v) => 10 + (hist.width - 20) * (v - lo) / span;
+  const counts = [0, 1].map((label) => {
+    const c = new Array(bins).fill(0);
+    for (const p of s.filter((q) => q.label === label)) c[Math.min(bins - 1, Math.floor(bins * (p.score - lo) / span))]++;
+    return c;
+  });
+  const top = Math.max(1, ...counts[0], ...counts[1]), h = hist.getContext("2d"), w = (hist.width - 20) / bins;
+  [["rgba(60,150,60,0.6)", counts[0]], ["rgba(210,50,50,0.6)", counts[1]]].forEach(([colour, c]) => {
+    h.fillStyle = colour;
+    c.forEach((n, i) => h.fillRect(10 + i * w, hist.height - 15 - (hist.height - 30) * n / top, w - 1, (hist.height - 30) * n / top));
+  });
+  const line = (v, dash) => { h.setLineDash(dash); h.strokeStyle = "#222"; h.beginPath(); h.moveTo(x(v), 5); h.lineTo(x(v), hist.height - 15); h.stroke(); };
+  line(ruleT, [4, 3]); line(threshold, []);
+  // ROC of the labelled scores: every threshold, and the slider's point on it
+  const good = s.filter((q) => q.label === 0).map((q) => q.score), bad = s.filter((q) => q.label === 1).map((q) => q.score);
+  const rate = (list, t) => list.filter((v) => v >= t).length / list.length;
+  const cuts = [Infinity, ...values.slice(0, s.length).sort((a, b) => b - a), -Infinity];
+  const r = roc.getContext("2d"), px = (f) => 10 + (roc.width - 20) * f, py = (t) => roc.height - 10 - (roc.height - 20) * t;
+  r.strokeStyle = "#ccc"; r.strokeRect(10, 10, roc.width - 20, roc.height - 20);
+  r.strokeStyle = "#24323f"; r.beginPath();
+  cuts.forEach((t, i) => (i ? r.lineTo : r.moveTo).call(r, px(rate(good, t)), py(rate(bad, t))));
+  r.stroke();
+  r.fillStyle = "#d33"; r.beginPath(); r.arc(px(rate(good, threshold)), py(rate(bad, threshold)), 5, 0, 2 * Math.PI); r.fill();
 }
 
 async function inspectFiles(files) {
@@ -81,7 +155,7 @@ async function inspectFiles(files) {
   const form = new FormData();
   for (const f of files) form.append("files", f);
   try {
-    addResults(await api("predict?map=base64", { method: "POST", body: form }));
+    addResults(await api("predict?map=base64", { method: "POST", body: form }), files);
     status(`${files.length} image(s) scored`);
   } catch (e) { status(e.message, true); }
 }
@@ -124,7 +198,9 @@ for (const id of ["folder-input", "train-folder"]) {
 
 $("threshold").addEventListener("input", (e) => { threshold = parseFloat(e.target.value); render(); });
 $("reset-threshold").addEventListener("click", () => { threshold = modelThreshold; render(); });
-$("clear").addEventListener("click", () => { results = []; threshold = modelThreshold; render(); status(""); });
+$("clear").addEventListener("click", () => {
+  results = []; calibration = null; threshold = modelThreshold; $("calibration-text").textContent = ""; render(); status("");
+});
 
 function download(name, type, text) {
   const a = document.createElement("a");
@@ -155,7 +231,7 @@ async function loadModels() {
     $("model-rows").replaceChildren(...body.models.map((m) => {
       const tr = document.createElement("tr");
       for (const v of [m.name, m.runtime, m.backbone, m.image_size, m.image_threshold, m.pixel_threshold,
-                       m.training_data]) {
+                       m.threshold_source, m.training_data]) {
         const td = document.createElement("td");
         td.textContent = typeof v === "number" ? +v.toFixed(4) : (v ?? "-");
         tr.appendChild(td);
