@@ -237,3 +237,26 @@ def test_peers_run_as_cells_and_are_scored_by_dmdds_metric_code(tmp_path, tiny_t
     for r in by_model.values():  # every test image scored, pixel metrics from the same masks as dmdd's
         assert r["metrics"]["images"] == 9 and r["metrics"]["au_pro"] is not None
         assert r["environment"]["versions"]["anomalib"]
+
+
+def test_the_threshold_driver_runs_on_a_tiny_model_and_its_tables_render(tiny_tree, tmp_path):
+    from conftest import tiny_config
+
+    from dmdd.benchmark.tables import labelled_table, normal_only_table
+    from dmdd.training.loop import fit
+
+    ckpt = fit(tiny_config(tiny_tree, steps=1), tmp_path / "run", progress=False)
+    out = tmp_path / "thresholds.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thresholds.py"), str(ckpt), "--data",
+                           str(tiny_tree.parent), "--category", "metal", "--out", str(out), "--labelled", "2",
+                           "--draws", "3", "--rules", "f1,fpr=0.5", "--holdout-sizes", "1,2", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert (data["test_good"], data["test_defective"], data["held_out_good"]) == (3, 6, 2)
+    assert [r["rule"] for r in data["labelled"]] == ["f1", "fpr=0.5"] and data["labelled"][0]["draws"] == 3
+    for r in data["labelled"]:  # no threshold beats the best the ranking allows at the same false-alarm rate
+        assert 0 <= r["recall"]["mean"] <= r["best"]["mean"] + 1e-12 <= 1 + 1e-12
+    assert {(r["held_out"], r["method"]) for r in data["normal_only"]} == {
+        (1, "dmdd: max"), (1, "before: maximum"), (2, "dmdd: max"), (2, "before: maximum")}
+    assert labelled_table(data).count("\n") == 4 and normal_only_table(data).count("\n") == 6

@@ -161,8 +161,35 @@ def deploy_table(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _mean_sd(entry: dict[str, float]) -> str:
+    return f"{100 * entry['mean']:.1f} ± {100 * entry['sd']:.1f}"
+
+
+def labelled_table(data: dict[str, Any]) -> str:
+    """benchmarks/thresholds.py, part 1: rules set on a few labelled test images, measured on the rest."""
+    head = ["rule", "labelled", "draws", "recall", "false alarms", "best recall at those false alarms",
+            "estimated recall / false alarms"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in data["labelled"]:
+        estimate = f"{100 * r['est_recall']['mean']:.1f} / {100 * r['est_fa']['mean']:.1f}"
+        cells = [r["rule"], r["labelled"], r["draws"], _mean_sd(r["recall"]), _mean_sd(r["fa"]), _mean_sd(r["best"])]
+        lines.append("| " + " | ".join(map(str, [*cells, estimate])) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def normal_only_table(data: dict[str, Any]) -> str:
+    """benchmarks/thresholds.py, part 2: thresholds from a few held-out good images, measured on the test split."""
+    head = ["held-out good images", "threshold", "draws", "false alarms", "recall"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in data["normal_only"]:
+        cells = [r["held_out"], r["method"], r["draws"], _mean_sd(r["fa"]), _mean_sd(r["recall"])]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS = {"quality": quality_table, "speed": speed_table}
-FILE_RENDERERS = {"json": json_table, "deploy": deploy_table}
+FILE_RENDERERS = {"json": json_table, "deploy": deploy_table, "labelled": labelled_table,
+                  "normal_only": normal_only_table}  # fmt: skip
 _BLOCK = re.compile(r"(<!-- benchmark: (\S+)(?: table=(\w+))? -->\n)(.*?)(<!-- /benchmark -->)", re.S)
 
 
