@@ -103,6 +103,10 @@ def main() -> int:
         "checkpoint": str(args.checkpoint), "category": args.category, "commit": commit,
         "test_good": int((test.labels == 0).sum()), "test_defective": int((test.labels == 1).sum()),
         "held_out_good": int(held.size),
+        # what the ranking allows on the whole test split: the best recall at each false-alarm rate
+        "best_recall_at_false_alarms": {str(fa): best_detection_at(test.scores[test.labels == 0],
+                                                                   test.scores[test.labels == 1], fa)
+                                        for fa in (0.01, 0.05, 0.1)},
         "labelled": labelled_study(test.scores, test.labels, args.rules.split(","), args.labelled, args.draws,
                                    args.seed),
         "normal_only": normal_only_study(held, test.scores, test.labels,

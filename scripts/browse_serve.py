@@ -2,10 +2,12 @@
 upload images, read the gallery, move the threshold slider to both ends, save a screenshot; or, with --defective,
 mark uploads good / defective, preview the calibration and save it.
 
-The browser test runs this against a tiny model; the screenshot in docs/ comes from a trained tire model:
+The browser tests run this against a tiny model. docs/figures/serve_screenshot.png comes from a copy of the dev
+suite's tire model (runs/benchmark/dev/tire/tire/dmdd-lite0-250steps-seed0/run/last.pt), with tire test images
+copied under distinct names (good_000..009 from test/good; cut_, hole_, contamination_000..001):
 
-    python scripts/browse_serve.py runs/tire/last.pt ../shared/data/tire/test/cut/000.png \
-        ../shared/data/tire/test/good/000.png --png docs/serve_screenshot.png
+    python scripts/browse_serve.py COPY/last.pt shot/good/*.png --defective shot/bad/*.png \
+        --rule recall-at-fpr=0.1 --png docs/figures/serve_screenshot.png
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Rows: 8 training images of each category; columns: good image | foreground | synthetic anomaly | mask.
 
-    python scripts/contact_sheet.py --out docs/fas_contact_sheet.png
+    python scripts/contact_sheet.py --out docs/figures/fas_contact_sheet.png
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def sheet_rows(category: str, count: int, size: int, seed: int) -> list[np.ndarr
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="docs/fas_contact_sheet.png")
+    p.add_argument("--out", default="docs/figures/fas_contact_sheet.png")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

@@ -1,6 +1,6 @@
 """Render an HTML report in headless Chromium (Debian package `chromium`) and save a PNG screenshot.
 
-python scripts/screenshot_report.py runs/demo/test/report.html docs/report_screenshot.png
+python scripts/screenshot_report.py runs/demo/test/report.html docs/figures/report_screenshot.png
 """
 
 from __future__ import annotations

@@ -254,6 +254,7 @@ def test_the_threshold_driver_runs_on_a_tiny_model_and_its_tables_render(tiny_tr
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads(out.read_text())
     assert (data["test_good"], data["test_defective"], data["held_out_good"]) == (3, 6, 2)
+    assert set(data["best_recall_at_false_alarms"]) == {"0.01", "0.05", "0.1"}
     assert [r["rule"] for r in data["labelled"]] == ["f1", "fpr=0.5"] and data["labelled"][0]["draws"] == 3
     for r in data["labelled"]:  # no threshold beats the best the ranking allows at the same false-alarm rate
         assert 0 <= r["recall"]["mean"] <= r["best"]["mean"] + 1e-12 <= 1 + 1e-12

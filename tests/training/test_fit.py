@@ -238,54 +238,72 @@ def test_step_budget_stops_mid_epoch_and_keeps_snapshots(tiny_tree, tmp_path):
 
 
 class FakeClock:
-    """Seconds that pass only when the test says so: a student step costs ``step`` seconds, the per-epoch map
-    statistics ``epoch`` seconds; everything else (the real wall clock included) takes no time."""
+    """Seconds that pass only when the test says so (each patched stage adds its cost); everything else, the real
+    wall clock included, takes no time."""
 
-    def __init__(self, step: float, epoch: float) -> None:
-        self.now, self.step, self.epoch = 1000.0, step, epoch
+    def __init__(self) -> None:
+        self.now = 1000.0
         self.steps = 0
 
     def __call__(self) -> float:
         return self.now
 
 
-def test_minutes_budget_plans_steps_from_the_measured_first_epoch_and_stops_within_it(tiny_tree, tmp_path):
+def test_minutes_budget_replans_as_the_step_time_settles_and_ends_within_it(tiny_tree, tmp_path):
+    """The budget covers everything: 10 s of setup (the global score's Gaussian), 3 slow first steps (15 s each, as
+    while foregrounds are computed), 5 s steps after, 3 s of map statistics per epoch, 6 s of final calibration.
+    The plan dmdd had before, fixed from the first epoch (3 steps in 48 s: int(90 / 48 * 3) = 5 steps), ended after
+    77 s, 14 % short; re-planning after every epoch ends at the budget."""
     from dmdd.training import loop as engine
 
-    clock = FakeClock(step=5.0, epoch=3.0)
-    real_loss, real_statistics = objective.student_loss, engine.fit_map_statistics
+    clock = FakeClock()
+    real_loss, real_stats = objective.student_loss, engine.fit_map_statistics
+    real_global, real_calibrate = engine.fit_global_score, engine.calibrate
 
-    def timed_loss(*args):
-        clock.now += clock.step
+    def timed(real, cost):
+        def run(*args, **kwargs):
+            clock.now += cost() if callable(cost) else cost
+            return real(*args, **kwargs)
+
+        return run
+
+    def step_cost():
         clock.steps += 1
-        return real_loss(*args)
+        return 15.0 if clock.steps <= 3 else 5.0
 
-    def timed_statistics(*args):
-        clock.now += clock.epoch
-        return real_statistics(*args)
-
-    cfg = tiny_config(tiny_tree, minutes=0.75, batch_size=2)  # 45 s; 6 training images: 3 steps an epoch
+    cfg = tiny_config(tiny_tree, minutes=1.5, batch_size=2)  # 90 s; 6 training images: 3 steps an epoch
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(objective, "student_loss", timed_loss)
-        mp.setattr(engine, "fit_map_statistics", timed_statistics)
+        mp.setattr(objective, "student_loss", timed(real_loss, step_cost))
+        mp.setattr(engine, "fit_map_statistics", timed(real_stats, 3.0))
+        mp.setattr(engine, "fit_global_score", timed(real_global, 10.0))
+        mp.setattr(engine, "calibrate", timed(real_calibrate, 6.0))
         start = clock.now
         payload = load_checkpoint(fit(cfg, tmp_path / "m", progress=False, clock=clock))
     history = payload["history"]
-    # The first epoch, as the fake clock measured it: 3 steps x 5 s + 3 s of statistics = 18 s, 6 s a step.
-    assert history[0]["step"] == 3 and history[0]["seconds"] == 18.0 and history[0]["student_seconds"] == 15.0
-    # The plan: as many steps as 45 s hold at 6 s a step, 7, fixed after the first epoch and kept to.
-    assert payload["total_steps"] == 45 // 6 == 7 and all(e["total_steps"] == 7 for e in history)
-    assert payload["step"] == clock.steps == 7 and [e["step"] for e in history] == [3, 6, 7]
-    spent = clock.now - start  # 7 steps and 3 epochs' statistics: 44 s of the 45
-    assert spent == 7 * 5.0 + 3 * 3.0 <= 45 < spent + clock.step
+    # epoch 1: 10 s setup + 3 x 15 s + 3 s = 58 s; 90 - 58 - 6 (calibration: two statistics passes) leaves 26 s,
+    # one more step at 15 s + 3 s. Epoch 2 measures 5 s a step: 90 - 66 - 6 = 18 s hold 3 steps and an epoch's 3 s.
+    assert [e["step"] for e in history] == [3, 4, 7] and [e["total_steps"] for e in history] == [4, 7, 7]
+    assert [e["elapsed"] for e in history] == [58.0, 66.0, 84.0]
+    assert payload["step"] == clock.steps == 7
+    assert clock.now - start == 90.0  # 84 s of training and 6 s of calibration: the budget, to the second
     assert engine.planned_steps(tiny_config(tiny_tree, minutes=5.0), 4) == 0
 
 
-def test_steps_for_minutes_and_learning_rate_schedule(tiny_tree):
-    from dmdd.training.loop import lr_factor, steps_for_minutes
+@pytest.mark.parametrize("seed", range(5))
+def test_steps_for_budget_is_the_most_steps_that_fit(seed):
+    from dmdd.training.loop import steps_for_budget
 
-    assert steps_for_minutes(2.0, seconds=30.0, steps=10) == 40  # 10 steps in 30 s -> 120 s hold 40
-    assert steps_for_minutes(0.001, seconds=30.0, steps=10) == 10  # never below what is done
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        budget, elapsed, reserve = rng.uniform(50, 500), rng.uniform(0, 100), rng.uniform(0, 20)
+        step, overhead, per_epoch, done = rng.uniform(0.5, 5), rng.uniform(0, 10), int(rng.integers(1, 12)), 7
+        left = budget - elapsed - reserve
+        fits = [n for n in range(2000) if n * step + math.ceil(n / per_epoch) * overhead <= left]
+        assert steps_for_budget(budget, elapsed, step, overhead, per_epoch, done, reserve) == done + max(fits, default=0)
+
+
+def test_learning_rate_schedule(tiny_tree):
+    from dmdd.training.loop import lr_factor
     cosine = tiny_config(tiny_tree, lr_schedule="cosine", warmup_steps=4)
     assert lr_factor(cosine, 0, 100) == pytest.approx(0.25 * 0.5 * (1 + math.cos(0)))
     assert lr_factor(cosine, 50, 100) == pytest.approx(0.5)

@@ -68,9 +68,28 @@ def planned_steps(cfg: Config, steps_per_epoch: int) -> int:
     return cfg.train.epochs * steps_per_epoch
 
 
-def steps_for_minutes(minutes: float, seconds: float, steps: int) -> int:
-    """Convert a wall-clock budget into student steps from one measured epoch (``steps`` steps in ``seconds``)."""
-    return max(steps, int(minutes * 60 / max(seconds, 1e-9) * steps))
+def steps_for_budget(budget: float, elapsed: float, step_seconds: float, epoch_overhead: float,
+                     steps_per_epoch: int, done: int, reserve: float) -> int:  # fmt: skip
+    """The total student steps that end a ``train.minutes`` run within its budget.
+
+    Args:
+        budget: the run's seconds; elapsed: seconds spent so far (setup, epochs, earlier sessions).
+        step_seconds: one student step, as the last epoch measured it.
+        epoch_overhead: what each started epoch adds besides its steps (map statistics, MSN phase, checkpoint).
+        steps_per_epoch, done: the epoch's length and the steps already taken.
+        reserve: seconds kept for the end of the run (the final calibration and its checkpoint).
+    """
+    left = budget - elapsed - reserve
+
+    def cost(n: int) -> float:
+        return n * step_seconds + math.ceil(n / steps_per_epoch) * epoch_overhead
+
+    n = max(0, int(left / max(step_seconds + epoch_overhead / steps_per_epoch, 1e-9)))
+    while n > 0 and cost(n) > left:
+        n -= 1
+    while cost(n + 1) <= left:
+        n += 1
+    return done + n
 
 
 def lr_factor(cfg: Config, step: int, total: int) -> float:
@@ -295,6 +314,7 @@ def resolve_regional_score(cfg: Config, policy: str) -> Config:
 
 def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progress: bool, ctx: DistContext,
          clock: Callable[[], float] = time.perf_counter) -> Path:  # fmt: skip
+    run_start = clock()  # a minutes budget counts from here: setup, epochs and the final calibration
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "last.pt"
     if category is None:
@@ -338,6 +358,8 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     if model.regional is not None and not model.regional.gaussian_fitted:
         fit_regional_score(model, train_records, cfg, device)
     batches = iter(loader)
+    spent_before = state.history[-1].get("elapsed", 0.0) if state.history else 0.0  # earlier sessions (--resume)
+    save_seconds = 0.0
     try:
         with _graceful_signals():
             epoch = state.epoch
@@ -348,25 +370,33 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
                                           ctx, state, average, guard, steps_logged)  # fmt: skip
                 log["student_seconds"] = round(clock() - start, 2)
                 with _weights_for_maps(average, guard) as extra:  # statistics, head and files: the map weights
+                    stats_start = clock()
                     if model.cfg.map_normalization or model.global_score is not None or model.regional is not None:
                         fit_map_statistics(model, stats_images, cfg, device)
+                    stats_seconds = clock() - stats_start
                     if seg_obj is not None:
                         seg_start = clock()
                         log |= train_segmentation_epoch(model, seg_obj, pairs, seg_opt, cfg, device, epoch, bar, ctx)
                         log["seg_seconds"] = round(clock() - seg_start, 2)
                     seconds = clock() - start
-                    if not state.total_steps:  # a minutes budget: fixed once, from the first epoch's speed
-                        state.total_steps = steps_for_minutes(cfg.train.minutes, seconds, state.step - first_step)
+                    elapsed = spent_before + clock() - run_start
+                    if cfg.train.minutes and state.step > first_step:  # re-planned after every epoch, as speed settles
+                        state.total_steps = steps_for_budget(
+                            cfg.train.minutes * 60, elapsed, log["student_seconds"] / (state.step - first_step),
+                            seconds - log["student_seconds"] + save_seconds, student_steps, state.step,
+                            reserve=2 * stats_seconds + save_seconds)  # calibration: two passes over the held-out images
                         bar.total = bar.n + (student_steps + seg_steps) * math.ceil(
                             (state.total_steps - state.step) / student_steps
                         )
                     epoch += 1
                     log = {"epoch": epoch, "step": state.step, "total_steps": state.total_steps, **log,
-                           "seconds": round(seconds, 2), "foreground_policy": pairs.policy,
-                           "processes": ctx.world}  # fmt: skip
+                           "seconds": round(seconds, 2), "elapsed": round(elapsed, 2),
+                           "foreground_policy": pairs.policy, "processes": ctx.world}  # fmt: skip
                     state.epoch, state.history = epoch, [*state.history, log]
                     if ctx.is_main:  # rank 0 alone writes; the others wait so every rank sees the same files
+                        save_start = clock()
                         save_state(ckpt_path, cfg, model, student_opt, seg_opt, state, **extra)
+                        save_seconds = clock() - save_start
                         with (out / "train_log.jsonl").open("a") as f:
                             f.write(json.dumps(log) + "\n")
                         if steps_logged is not None:
