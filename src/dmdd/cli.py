@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "last weights, as the paper)")  # fmt: skip
     p.add_argument("--batch-size", type=int, help="normal/anomalous pairs per step (default 16)")
     p.add_argument("--image-size", type=int, help="input size, a multiple of 32 (default 256)")
+    p.add_argument("--tile", type=int,
+                   help="high-resolution images: train and infer on square tiles of this many pixels (each brought "
+                        "to --image-size); stored in the checkpoint, so test, predict, export and serve tile too")  # fmt: skip
+    p.add_argument("--tile-overlap", type=float, help="share of a tile overlapping its neighbour at inference (0.25)")
+    p.add_argument("--tile-scale", type=float, help="scale the image by this factor before tiling (default 1)")
     p.add_argument("--resize", choices=["squash", "pad", "crop"],
                    help="non-square images: stretch, pad (keep aspect, black borders) or centre-crop (default "
                         "squash); stored in the checkpoint and used by test, predict and export")  # fmt: skip
@@ -190,6 +195,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
         ("data", "root", args.data), ("data", "category", args.category), ("data", "layout", args.layout),
         ("model", "backbone", args.backbone), ("model", "weights", args.weights),
         ("model", "image_size", args.image_size), ("model", "resize", args.resize), ("train", "epochs", args.epochs),
+        ("model", "tile", args.tile), ("model", "tile_overlap", args.tile_overlap),
+        ("model", "tile_scale", args.tile_scale),
         ("train", "steps", args.steps), ("train", "minutes", args.minutes),
         ("train", "snapshot_every", args.snapshot_every), ("train", "ema_decay", args.ema_decay),
         ("train", "batch_size", args.batch_size), ("train", "seed", args.seed), ("train", "amp", args.amp),
@@ -255,7 +262,17 @@ def cmd_test(args: argparse.Namespace) -> int:
     details = {"checkpoint": args.checkpoint, "data": str(cat.root), "backbone": cfg.model.backbone,
                "image size": cfg.model.image_size, "epochs trained": payload.get("epoch"),
                "thresholds": payload.get("thresholds"), "dmdd": __version__}  # fmt: skip
-    report = write_report(out / "report.html", result, predictions, title, details)
+    figures = []
+    if cfg.model.tile:  # the grid the model scored, on the first test image
+        from dmdd.data.io import read_image
+        from dmdd.data.tiles import TileSpec, draw_grid, grid, scaled_shape
+
+        spec, first = TileSpec.of(cfg.model), read_image(cat.test[0].image)
+        hw = scaled_shape(first.shape[:2], spec)
+        count = len(grid((max(hw[0], spec.size), max(hw[1], spec.size)), spec))
+        details["tiles"] = f"{spec.size} px, overlap {spec.overlap:g}, scale {spec.scale:g}"
+        figures.append((f"tile grid of {cat.test[0].image.name}: {count} tiles", draw_grid(first, spec)))
+    report = write_report(out / "report.html", result, predictions, title, details, figures=figures)
     print((out / "metrics.md").read_text())
     print(f"report: {report}")
     return 0

@@ -71,7 +71,14 @@ class ModelConfig:
         image_size: square input size; a multiple of 32 so the four stages halve exactly.
         resize: how an image of any aspect ratio becomes the square input: ``squash`` (stretch), ``pad`` (keep the
             aspect ratio, black borders) or ``crop`` (keep the aspect ratio, centre crop); the same in training,
-            test, predict and export, and maps are mapped back to each image's own pixels.
+            test, predict and export, and maps are mapped back to each image's own pixels. Not used with tiles.
+        tile: 0 (default): each image becomes one square of ``image_size``. Otherwise the image (scaled by
+            ``tile_scale``) is cut into square tiles of this many pixels, each brought to ``image_size``: training
+            draws tiles at random positions, inference scores a grid of tiles overlapping by ``tile_overlap`` (a
+            share of the tile) and stitches their maps; the image score is the largest tile score
+            (``dmdd.data.tiles``). For defects a few dozen pixels wide in images of several megapixels.
+        tile_overlap: share of a tile shared with its neighbour on the inference grid, in [0, 0.9].
+        tile_scale: factor applied to the image before tiling, in (0, 4] (e.g. 0.5 halves a 20 MP image's sides).
         branches: ``both`` (DMDD), or one branch only (Table 4 ablation).
         pmn_inner: Pyramid Modeling Network inner path.
         pmn_outer: Pyramid Modeling Network outer path.
@@ -118,6 +125,9 @@ class ModelConfig:
     weights: str | None = None
     image_size: int = 256
     resize: str = "squash"
+    tile: int = 0
+    tile_overlap: float = 0.25
+    tile_scale: float = 1.0
     branches: Branches = "both"
     pmn_inner: bool = True
     pmn_outer: bool = True
@@ -147,6 +157,12 @@ class ModelConfig:
             raise ConfigError("model.global_attention_size and model.map_sigma must be >= 0")
         if self.image_size < 32 or self.image_size % 32:
             raise ConfigError(f"model.image_size must be a positive multiple of 32, got {self.image_size}")
+        if self.tile != 0 and self.tile < 32:
+            raise ConfigError(f"model.tile (--tile) must be 0 (off) or at least 32 pixels, got {self.tile}")
+        if not 0 <= self.tile_overlap <= 0.9:
+            raise ConfigError(f"model.tile_overlap (--tile-overlap) must be in [0, 0.9], got {self.tile_overlap}")
+        if not 0 < self.tile_scale <= 4:
+            raise ConfigError(f"model.tile_scale (--tile-scale) must be in (0, 4], got {self.tile_scale}")
         if self.branches not in ("both", "normality", "abnormality"):
             raise ConfigError(f"model.branches must be both|normality|abnormality, got {self.branches!r}")
         if self.image_score not in ("top_k", "max"):

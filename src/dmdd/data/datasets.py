@@ -11,8 +11,10 @@ import torch
 from torch.utils.data import Dataset
 
 from dmdd.data.foreground import ForegroundCache, resolve_policy
+from dmdd.data.geometry import from_square, to_square
 from dmdd.data.io import IMAGE_SUFFIXES, image_size_of, list_images, read_image, read_mask
 from dmdd.data.synthesis import AnomalySynthesizer
+from dmdd.data.tiles import TileSpec, grid, padded, random_tile, scaled
 from dmdd.errors import DatasetError
 
 GOOD = "good"
@@ -283,6 +285,11 @@ class PairDataset(Dataset):
     Images are decoded and resized once; foreground masks are computed once per image (cached). The pair of index
     ``i`` in epoch ``e`` draws from ``numpy.random.default_rng([seed, e, stream, i])``, so it is the same whatever
     the worker count or the order of access; items are indexed by ``i`` or by the key ``(e, stream, i)``.
+
+    With ``tiles`` each image is kept at its own size (scaled by the tile scale); an epoch has as many pairs as the
+    images have tiles on the inference grid, each a tile at a random position of its image, with the synthetic
+    anomaly made on the tile. The foreground (object or texture, and the object's mask) is decided on the whole
+    image squashed to ``image_size`` and the mask cut with the tile.
     """
 
     def __init__(
@@ -293,20 +300,29 @@ class PairDataset(Dataset):
         seed: int,
         foregrounds: ForegroundCache | None = None,
         resize: str = "squash",
+        tiles: TileSpec | None = None,
     ) -> None:
         if not records:
             raise DatasetError("no training images")
         self.records = records
-        self.images = [read_image(r.image, image_size, resize) for r in records]
+        self.tiles, self.image_size = tiles, image_size
+        self.images = [read_image(r.image, image_size, resize) for r in records] if tiles is None else [
+            scaled(read_image(r.image), tiles) for r in records]  # fmt: skip
+        squares = self.images if tiles is None else [to_square(im, image_size) for im in self.images]
         self.synthesizer = synthesizer
         self.seed = seed
         self.epoch = 0
         self.stream = 0
         cfg = synthesizer.cfg
         self.foregrounds = foregrounds or ForegroundCache(cfg)
-        self.policy = "texture" if not cfg.fas else resolve_policy(self.images, cfg, self.foregrounds)
+        self.policy = "texture" if not cfg.fas else resolve_policy(squares, cfg, self.foregrounds)
         full = np.ones((image_size, image_size), dtype=bool)
-        self.masks = [self.foregrounds.get(im) if self.policy == "object" else full for im in self.images]
+        self.masks = [self.foregrounds.get(sq) if self.policy == "object" else full for sq in squares]
+        if tiles is not None:
+            self.masks = [None if self.policy != "object" else from_square(m.astype(np.float32), im.shape[:2]) > 0.5
+                          for m, im in zip(self.masks, self.images)]  # fmt: skip
+            counts = [len(grid(padded(im, tiles.size).shape[:2], tiles)) for im in self.images]
+            self.tile_owner = np.repeat(np.arange(len(self.images)), counts)
 
     def set_epoch(self, epoch: int, stream: int = 0) -> None:
         """Select the pairs of an epoch; ``stream`` 1 gives fresh pairs for the segmentation phase."""
@@ -314,11 +330,18 @@ class PairDataset(Dataset):
         self.stream = stream
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.images) if self.tiles is None else len(self.tile_owner)
 
     def pair(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        anomalous, mask = self.synthesizer(self.images[index], self.masks[index], rng)
-        return self.images[index], anomalous, mask
+        if self.tiles is None:
+            image, foreground = self.images[index], self.masks[index]
+        else:
+            owner = int(self.tile_owner[index])
+            image, foreground = random_tile(self.images[owner], self.masks[owner], self.tiles, self.image_size, rng)
+        if foreground is None:
+            foreground = np.ones(image.shape[:2], dtype=bool)
+        anomalous, mask = self.synthesizer(image, foreground, rng)
+        return image, anomalous, mask
 
     def __getitem__(self, key: int | tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The pair of ``key``: an index (in the epoch and stream of :meth:`set_epoch`) or a key ``(epoch, stream,

@@ -54,6 +54,9 @@ def metadata(model: DMDD, thresholds: dict[str, Any] | None) -> dict[str, Any]:
         "backbone": model.cfg.backbone,
         "image_size": model.cfg.image_size,
         "resize": model.cfg.resize,
+        "tile": model.cfg.tile,
+        "tile_overlap": model.cfg.tile_overlap,
+        "tile_scale": model.cfg.tile_scale,
         "input": "RGB float32 in [0, 1], shape (B, 3, S, S), brought to S x S with `resize` (squash, pad or crop, "
         "dmdd.data.io.to_square); normalisation happens inside the graph",
         "outputs": {"pred_score": "(B,)", "anomaly_map": "(B, 1, S, S)"},

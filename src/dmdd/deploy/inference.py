@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dmdd.data.geometry import from_square, to_square
+from dmdd.data.tiles import TileSpec, score_tiled
 
 
 @dataclass
@@ -46,6 +47,7 @@ class _Inferencer:
         self.meta = meta
         self.image_size = int(meta["image_size"])
         self.resize = meta.get("resize", "squash")
+        self.tiles = TileSpec.of(meta)  # tile settings of the checkpoint, reproduced without flags
         thresholds = meta.get("thresholds") or {}
         self.image_threshold = thresholds.get("image")
         self.pixel_threshold = thresholds.get("pixel")
@@ -65,12 +67,22 @@ class _Inferencer:
         resized = to_square(image, self.image_size, self.resize)
         return resized.astype(np.float32).transpose(2, 0, 1) / 255.0
 
+    def score_full(self, images: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
+        """(score, map at the image's own size) of (H, W, 3) uint8 RGB images: one batch of squares, or each image
+        tile by tile when the model was trained on tiles."""
+        if self.tiles is not None:
+            return [score_tiled(im, self.tiles, self.image_size, self._run_tiles) for im in images]
+        scores, maps = self.run(np.stack([self.preprocess(im) for im in images]))
+        return [(float(s), from_square(np.asarray(m[0], np.float32), im.shape[:2], self.resize))
+                for s, m, im in zip(scores, maps, images)]  # fmt: skip
+
+    def _run_tiles(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, maps = self.run(tiles.astype(np.float32).transpose(0, 3, 1, 2) / 255.0)
+        return scores, maps[:, 0]
+
     def predict(self, image: np.ndarray) -> Detection:
         """Score one (H, W, 3) uint8 RGB image; the map comes back at the image's own size."""
-        scores, maps = self.run(self.preprocess(image)[None])
-        h, w = image.shape[:2]
-        amap = from_square(maps[0, 0], (h, w), self.resize)
-        score = float(scores[0])
+        ((score, amap),) = self.score_full([image])
         anomalous = None if self.image_threshold is None else score >= self.image_threshold
         mask = None if self.pixel_threshold is None else amap >= self.pixel_threshold
         return Detection(score, anomalous, amap, mask)

@@ -16,6 +16,7 @@ from dmdd.checkpoint import restore_model
 from dmdd.data.datasets import to_tensor
 from dmdd.data.geometry import from_square, to_square
 from dmdd.data.io import IMAGE_SUFFIXES, list_images, read_image
+from dmdd.data.tiles import TileSpec, score_tiled
 from dmdd.device import select_device
 from dmdd.errors import DmddError, ImageReadError
 from dmdd.evaluation import run_model
@@ -96,6 +97,7 @@ class Predictor:
         self.channels_last = channels_last
         self.image_size = model.cfg.image_size
         self.resize = model.cfg.resize
+        self.tiles = TileSpec.of(model.cfg)
         calibrated = payload.get("thresholds") or {}
         self.image_threshold = image_threshold if image_threshold is not None else calibrated.get("image")
         self.pixel_threshold = pixel_threshold if pixel_threshold is not None else calibrated.get("pixel")
@@ -113,6 +115,15 @@ class Predictor:
             batch = batch.to(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return run_model(self.model, batch, self.device)
+
+    def score_full(self, images: list[np.ndarray], batch_size: int = 8) -> list[tuple[float, np.ndarray]]:
+        """(score, map at the image's own size) of (H, W, 3) uint8 images: one batch of squares, or each image tile
+        by tile (batches of ``batch_size`` tiles) when the model was trained on tiles."""
+        if self.tiles is not None:
+            return [score_tiled(im, self.tiles, self.image_size, lambda t: self.score(list(t)), batch_size)
+                    for im in images]  # fmt: skip
+        scores, maps = self.score([to_square(im, self.image_size, self.resize) for im in images])
+        return [(float(s), from_square(m, im.shape[:2], self.resize)) for s, m, im in zip(scores, maps, images)]
 
     def predict_files(
         self,
@@ -143,16 +154,13 @@ class Predictor:
                     failures.append({"path": str(path), "error": exc.reason})
             if not loaded:
                 continue
-            scores, maps = self.score([to_square(image, self.image_size, self.resize) for _, image in loaded])
-            for (path, image), score, amap in zip(loaded, scores, maps):
-                results.append(self._write(path, image, float(score), amap, out, len(results)))
+            for (path, image), (score, full_map) in zip(loaded, self.score_full([im for _, im in loaded], batch_size)):
+                results.append(self._write(path, image, score, full_map, out, len(results)))
         self.write_summaries(results, failures, out)
         return results, failures
 
-    def _write(self, path: Path, image: np.ndarray, score: float, amap: np.ndarray, out: Path, index: int):
+    def _write(self, path: Path, image: np.ndarray, score: float, full_map: np.ndarray, out: Path, index: int):
         """Overlay and mask at the decoded image's size (the original size unless it was reduced as huge)."""
-        h, w = image.shape[:2]
-        full_map = from_square(amap, (h, w), self.resize)
         mask = full_map >= self.pixel_threshold
         stem = f"{index:05d}_{path.stem}"
         overlay_path, mask_path = out / "overlays" / f"{stem}.png", out / "masks" / f"{stem}.png"

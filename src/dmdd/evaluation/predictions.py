@@ -11,7 +11,9 @@ from torch.utils.data import DataLoader
 
 from dmdd.config import Config
 from dmdd.data.datasets import AnomalyDataset, Record
+from dmdd.data.geometry import to_square
 from dmdd.data.io import read_image
+from dmdd.data.tiles import TileSpec, cut, grid, padded, scaled, score_tiled
 from dmdd.models.dmdd import DMDD
 
 
@@ -53,15 +55,57 @@ def run_model(model: DMDD, images: torch.Tensor, device: torch.device, size: int
     return out.pred_score.float().cpu().numpy(), maps[:, 0].float().cpu().numpy()
 
 
+def tile_runner(model: DMDD, device: torch.device):
+    """(B, S, S, 3) uint8 tiles -> (scores (B,), maps (B, S, S)): the model as :func:`dmdd.data.tiles.score_tiled`
+    calls it."""
+
+    def run(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        batch = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).float() / 255.0
+        return run_model(model, batch, device)
+
+    return run
+
+
+def score_tiled_image(model: DMDD, image: np.ndarray, cfg: Config, device: torch.device, batch_size: int = 8):
+    """(score, stitched map at the image's size) of one (H, W, 3) uint8 image with the model's tile settings."""
+    spec = TileSpec.of(cfg.model)
+    return score_tiled(image, spec, cfg.model.image_size, tile_runner(model, device), batch_size)
+
+
+def preload_tiles(records: list[Record], cfg: Config, cap: int = 1024) -> torch.Tensor:
+    """Every tile of the inference grid of each image of ``records`` (at most ``cap``, a seeded choice):
+    (N, 3, S, S) uint8, what :func:`preload_images` is for whole images (statistics fitted on tiles)."""
+    spec, size = TileSpec.of(cfg.model), cfg.model.image_size
+    tiles = []
+    for r in records:
+        image = padded(scaled(read_image(r.image), spec), spec.size)
+        tiles += [cut(image, t, x, spec.size, size) for t, x in grid(image.shape[:2], spec)]
+    if len(tiles) > cap:
+        keep = np.sort(np.random.default_rng([cfg.train.seed, 11]).choice(len(tiles), cap, replace=False))
+        tiles = [tiles[i] for i in keep]
+    if not tiles:
+        return torch.zeros(0, 3, size, size, dtype=torch.uint8)
+    return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
+
+
 def predict_split(model: DMDD, records: list[Record], cfg: Config, device: torch.device, batch_size: int = 8):
-    """Run the model over a labelled split; masks are read at ``cfg.train.eval_size`` (nearest)."""
+    """Run the model over a labelled split; masks are read at ``cfg.train.eval_size`` (nearest). With tiles
+    (``model.tile``) each image is scored tile by tile at its own size and the stitched map brought to the
+    evaluation size."""
     model.eval()
     eval_size = cfg.train.eval_size
-    data = AnomalyDataset(records, cfg.model.image_size, mask_size=eval_size, resize=cfg.model.resize)
+    spec = TileSpec.of(cfg.model)
+    resize = cfg.model.resize if spec is None else "squash"
+    data = AnomalyDataset(records, cfg.model.image_size, mask_size=eval_size, resize=resize)
     scores, maps, masks, labels, types, paths, has_mask = [], [], [], [], [], [], []
     for batch in DataLoader(data, batch_size=batch_size, num_workers=cfg.train.num_workers):
         has_mask.append(np.asarray(batch["has_mask"], bool))
-        s, m = run_model(model, batch["image"], device, eval_size)
+        if spec is None:
+            s, m = run_model(model, batch["image"], device, eval_size)
+        else:
+            tiled = [score_tiled_image(model, read_image(path), cfg, device, batch_size) for path in batch["path"]]
+            s = np.array([score for score, _ in tiled], np.float32)
+            m = np.stack([to_square(stitched, eval_size) for _, stitched in tiled])
         scores.append(s)
         maps.append(m.astype(np.float32))
         masks.append(batch["mask"][:, 0].numpy().astype(bool))
@@ -69,7 +113,7 @@ def predict_split(model: DMDD, records: list[Record], cfg: Config, device: torch
         types += list(batch["defect_type"])
         paths += list(batch["path"])
     return Predictions(np.concatenate(scores), np.concatenate(maps), np.concatenate(masks), np.concatenate(labels),
-                       types, paths, np.concatenate(has_mask), cfg.model.resize)  # fmt: skip
+                       types, paths, np.concatenate(has_mask), resize)  # fmt: skip
 
 
 def preload_images(records: list[Record], cfg: Config) -> torch.Tensor:

@@ -143,12 +143,16 @@ def write_report(
     title: str,
     details: dict[str, Any] | None = None,
     gallery_size: int = 4,
+    figures: list[tuple[str, np.ndarray]] | None = None,
 ) -> Path:
-    """Write one HTML file with every image embedded; returns its path."""
+    """Write one HTML file with every image embedded (``figures``: extra (caption, RGB image) pairs, e.g. the tile
+    grid); returns its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     curves = "".join(f'<figure><img src="{uri}" alt="{t}"><figcaption>{t}</figcaption></figure>'
                      for t, uri in _curves(predictions))  # fmt: skip
+    extra = "".join(f'<figure><img src="{_png_data_uri(im)}" alt="{html.escape(c)}" style="max-width: 100%">'
+                    f"<figcaption>{html.escape(c)}</figcaption></figure>" for c, im in figures or [])  # fmt: skip
     gallery = ""
     for group, tiles in _gallery(predictions, gallery_size):
         items = "".join(f'<figure><img src="{uri}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption>'
@@ -173,7 +177,7 @@ image | ground truth | anomaly map (green outline: ground truth).</p>
 {_table_html(result)}
 {_mask_note(result)}
 <h2>Operating point</h2>{_operating_html(result)}
-<h2>Curves</h2>{curves}
+<h2>Curves</h2>{curves}{extra}
 <h2>Gallery</h2>{gallery}
 <h2>Run</h2><table>{info}</table>
 </body></html>

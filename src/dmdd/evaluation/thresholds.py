@@ -12,9 +12,11 @@ import torch
 from dmdd.config import Config
 from dmdd.data.datasets import PairDataset, Record
 from dmdd.data.foreground import ForegroundCache
+from dmdd.data.io import read_image
 from dmdd.data.synthesis import AnomalySynthesizer
+from dmdd.data.tiles import TileSpec
 from dmdd.evaluation import metrics
-from dmdd.evaluation.predictions import Predictions, run_model
+from dmdd.evaluation.predictions import Predictions, run_model, score_tiled_image
 from dmdd.models.dmdd import DMDD
 
 CALIBRATION_STREAM = 10_000  # rng stream of the synthetic anomalies used for calibration
@@ -77,8 +79,9 @@ def calibrate(model: DMDD, records: list[Record], cfg: Config, device: torch.dev
     """
     model.eval()
     synthesizer = AnomalySynthesizer(cfg.synthesis)
+    tiles = TileSpec.of(cfg.model)
     pairs = PairDataset(records, cfg.model.image_size, synthesizer, cfg.train.seed, ForegroundCache(cfg.synthesis),
-                        cfg.model.resize)  # fmt: skip
+                        cfg.model.resize, tiles)  # fmt: skip
     pairs.set_epoch(0, CALIBRATION_STREAM)
     normal_scores, anomalous_scores, normal_maps, anomalous_maps, anomalous_masks = [], [], [], [], []
     for start in range(0, len(pairs), 8):
@@ -93,6 +96,8 @@ def calibrate(model: DMDD, records: list[Record], cfg: Config, device: torch.dev
         anomalous_maps.append(m_a)
         anomalous_masks.append(torch.stack([b[2] for b in batch])[:, 0].numpy().astype(bool))
     normal_s, anomalous_s = np.concatenate(normal_scores), np.concatenate(anomalous_scores)
+    if tiles is not None:  # an image's score is its largest tile's: the good-image threshold is set on images
+        normal_s = np.array([score_tiled_image(model, read_image(r.image), cfg, device)[0] for r in records])
     normal_m, anomalous_m, masks = map(np.concatenate, (normal_maps, anomalous_maps, anomalous_masks))
     t = cfg.train
     image_t, method = normal_threshold_method(normal_s, t.target_fpr)

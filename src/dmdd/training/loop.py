@@ -28,9 +28,11 @@ from dmdd.data.datasets import Category, PairDataset, Record, load_category
 from dmdd.data.foreground import ForegroundCache
 from dmdd.data.order import EpochBatches
 from dmdd.data.synthesis import AnomalySynthesizer
+from dmdd.data.tiles import TileSpec
 from dmdd.device import select_device
 from dmdd.errors import DmddError, TrainingDivergedError
 from dmdd.evaluation import calibrate, fit_global_score, fit_map_statistics, fit_regional_score, preload_images
+from dmdd.evaluation.predictions import preload_tiles
 from dmdd.models.dmdd import DMDD
 from dmdd.training.averaging import WeightAverage
 from dmdd.training.distributed import (
@@ -327,8 +329,9 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     torch.manual_seed(cfg.train.seed)
     train_records, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
     synthesizer = AnomalySynthesizer(cfg.synthesis)
+    tiles = TileSpec.of(cfg.model)
     pairs = PairDataset(train_records, cfg.model.image_size, synthesizer, cfg.train.seed,
-                        ForegroundCache(cfg.synthesis), cfg.model.resize)  # fmt: skip
+                        ForegroundCache(cfg.synthesis), cfg.model.resize, tiles)  # fmt: skip
     cfg = resolve_regional_score(cfg, pairs.policy)
     model = DMDD(cfg.model).to(device, memory_format=_memory_format(cfg))
     student_opt, seg_opt = build_optimizers(model, cfg)
@@ -353,10 +356,13 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
                unit="step", desc=f"train {category.name}", dynamic_ncols=True)  # fmt: skip
     stats_records = holdout or train_records  # their map statistics are refitted every epoch: decode them once
     stats_images = preload_images(stats_records, cfg) if len(stats_records) <= PRELOAD_MAX else stats_records
+    fitted_on = train_records
+    if tiles is not None:  # statistics and Gaussians of tiles, as the model will see them
+        stats_images, fitted_on = preload_tiles(stats_records, cfg), preload_tiles(train_records, cfg)
     if model.global_score is not None and not model.global_score.gaussian_fitted:  # the frozen teacher's, once
-        fit_global_score(model, train_records, cfg, device)
+        fit_global_score(model, fitted_on, cfg, device)
     if model.regional is not None and not model.regional.gaussian_fitted:
-        fit_regional_score(model, train_records, cfg, device)
+        fit_regional_score(model, fitted_on, cfg, device)
     batches = iter(loader)
     spent_before = state.history[-1].get("elapsed", 0.0) if state.history else 0.0  # earlier sessions (--resume)
     save_seconds = 0.0
@@ -384,7 +390,7 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
                         state.total_steps = steps_for_budget(
                             cfg.train.minutes * 60, elapsed, log["student_seconds"] / (state.step - first_step),
                             seconds - log["student_seconds"] + save_seconds, student_steps, state.step,
-                            reserve=2 * stats_seconds + save_seconds)  # calibration: two passes over the held-out images
+                            reserve=2 * stats_seconds + save_seconds)  # calibration: two held-out passes
                         bar.total = bar.n + (student_steps + seg_steps) * math.ceil(
                             (state.total_steps - state.step) / student_steps
                         )

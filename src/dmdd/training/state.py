@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dmdd.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from dmdd.checkpoint import config_of, load_checkpoint, load_model_state, save_checkpoint
 from dmdd.config import Config
 from dmdd.errors import CheckpointError
 from dmdd.models.dmdd import DMDD
@@ -55,7 +55,7 @@ def save_state(path, cfg, model, student_opt, seg_opt, state: TrainState, **extr
 def restore_state(path, cfg, model, student_opt, seg_opt, average: WeightAverage | None = None,
              guard: SpikeGuard | None = None) -> TrainState:  # fmt: skip
     payload = load_checkpoint(path)
-    if payload["config"]["model"] != cfg.to_dict()["model"]:
+    if config_of(payload, path).to_dict()["model"] != cfg.to_dict()["model"]:  # older files: defaults filled in
         raise CheckpointError(
             f"cannot resume from {path}: it was trained with a different model configuration; "
             "use the same config or another --out folder"

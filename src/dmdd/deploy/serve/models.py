@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from dmdd.data.geometry import from_square, to_square
 from dmdd.errors import DmddError
 
 
@@ -69,13 +68,8 @@ class ServedModel:
         if not images:
             return []
         with self.lock:  # one forward at a time per model: the CPU threads are shared anyway
-            if self.runtime == "pytorch":
-                scores, maps = self.engine.score([to_square(im, self.image_size, self.resize) for im in images])
-            else:  # dmdd.deploy.inference's own preprocessing (resize mode, scaling, layout)
-                scores, maps = self.engine.run(np.stack([self.engine.preprocess(im) for im in images]))
-                maps = maps[:, 0]
-        return [Scored(float(s), from_square(np.asarray(m, np.float32), im.shape[:2], self.resize))
-                for s, m, im in zip(scores, maps, images)]  # fmt: skip
+            # PyTorch (Predictor) or ONNX (dmdd.deploy.inference): the same geometry, squares or tiles
+            return [Scored(s, np.asarray(m, np.float32)) for s, m in self.engine.score_full(images)]
 
 
 def load_model(path: str | Path, device: str = "auto", name: str | None = None) -> ServedModel:
