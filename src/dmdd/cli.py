@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="normal/anomalous pairs per step (default 16)")
     p.add_argument("--image-size", type=int, help="input size, a multiple of 32 (default 256)")
     p.add_argument("--tile", type=int,
-                   help="high-resolution images: train and infer on square tiles of this many pixels (each brought "
-                        "to --image-size); stored in the checkpoint, so test, predict, export and serve tile too")  # fmt: skip
+                   help="high-resolution images: train and infer on square tiles of this many pixels (each "
+                        "brought to --image-size); stored in the checkpoint, so test, predict, export and serve "
+                        "tile too")  # fmt: skip
     p.add_argument("--tile-overlap", type=float, help="share of a tile overlapping its neighbour at inference (0.25)")
     p.add_argument("--tile-scale", type=float, help="scale the image by this factor before tiling (default 1)")
     p.add_argument("--resize", choices=["squash", "pad", "crop"],
