@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from dmdd.data.foreground import ForegroundCache, resolve_policy
 from dmdd.data.geometry import from_square, to_square
-from dmdd.data.io import IMAGE_SUFFIXES, image_size_of, list_images, read_image, read_mask
+from dmdd.data.io import IMAGE_SUFFIXES, TILED_DECODE_PIXELS, image_size_of, list_images, read_image, read_mask
 from dmdd.data.synthesis import AnomalySynthesizer
 from dmdd.data.tiles import TileSpec, grid, padded, random_tile, scaled
 from dmdd.errors import DatasetError
@@ -307,7 +307,7 @@ class PairDataset(Dataset):
         self.records = records
         self.tiles, self.image_size = tiles, image_size
         self.images = [read_image(r.image, image_size, resize) for r in records] if tiles is None else [
-            scaled(read_image(r.image), tiles) for r in records]  # fmt: skip
+            scaled(read_image(r.image, reduce_above=TILED_DECODE_PIXELS), tiles) for r in records]  # fmt: skip
         squares = self.images if tiles is None else [to_square(im, image_size) for im in self.images]
         self.synthesizer = synthesizer
         self.seed = seed

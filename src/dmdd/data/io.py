@@ -16,6 +16,8 @@ from dmdd.errors import DatasetError, ImageReadError, ImageTooLargeError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Images larger than this (pixels) are reduced while decoding, before any full-size array exists.
 MAX_DECODE_PIXELS = 4096 * 4096
+# Models that work on tiles keep every pixel up to this (a 20 MP camera image is decoded whole, 60 MB as RGB).
+TILED_DECODE_PIXELS = 8192 * 8192
 MIN_SIDE = 8  # smaller images carry no usable detail at any backbone stride
 
 
@@ -53,8 +55,10 @@ def _open_bytes(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
     return image
 
 
-def _decode(image: Image.Image, path: Path | str, max_side: int | None) -> Image.Image:
-    """Load pixel data, reducing huge images early (JPEG draft mode, then integer reduce)."""
+def _decode(image: Image.Image, path: Path | str, max_side: int | None,
+            reduce_above: int = MAX_DECODE_PIXELS) -> Image.Image:  # fmt: skip
+    """Load pixel data, reducing images of more than ``reduce_above`` pixels early (JPEG draft mode, then integer
+    reduce)."""
     w, h = image.size
     if w < MIN_SIDE or h < MIN_SIDE:
         raise ImageReadError(path, f"image is {w}x{h} px, smaller than the minimum side of {MIN_SIDE} px")
@@ -67,8 +71,8 @@ def _decode(image: Image.Image, path: Path | str, max_side: int | None) -> Image
     factor = 1
     if max_side is not None:
         factor = max(1, min(image.size) // max_side)
-    if image.size[0] * image.size[1] > MAX_DECODE_PIXELS:
-        factor = max(factor, int(np.ceil(np.sqrt(image.size[0] * image.size[1] / MAX_DECODE_PIXELS))))
+    if image.size[0] * image.size[1] > reduce_above:
+        factor = max(factor, int(np.ceil(np.sqrt(image.size[0] * image.size[1] / reduce_above))))
     if factor > 1 and image.mode not in ("P", "1"):
         image = image.reduce(factor)
     return image
@@ -88,27 +92,30 @@ def _to_uint8_rgb(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
 
 
-def read_image(path: str | Path, size: int | None = None, mode: str = "squash") -> np.ndarray:
+def read_image(path: str | Path, size: int | None = None, mode: str = "squash",
+               reduce_above: int = MAX_DECODE_PIXELS) -> np.ndarray:  # fmt: skip
     """Read an image as (H, W, 3) uint8 RGB, brought to (size, size) with ``mode`` when given (see
-    :func:`to_square`).
+    :func:`to_square`); images of more than ``reduce_above`` pixels are reduced while decoding (models on tiles
+    pass ``TILED_DECODE_PIXELS``).
 
     Raises:
         ImageReadError: missing, empty, truncated or undecodable file.
     """
     path = Path(path)
-    image = _decode(_open(path), path, size)
+    image = _decode(_open(path), path, size, reduce_above)
     arr = _to_uint8_rgb(image)
     return arr if size is None else to_square(arr, size, mode)
 
 
-def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = None) -> np.ndarray:
+def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = None,
+                 reduce_above: int = MAX_DECODE_PIXELS) -> np.ndarray:  # fmt: skip
     """Decode image bytes (an upload) as (H, W, 3) uint8 RGB, huge images reduced as :func:`read_image` does.
 
     Raises:
         ImageReadError: empty, not an image, truncated, or more than ``max_pixels`` pixels (checked on the header,
             before any pixel is decoded: a decompression bomb costs nothing).
     """
-    return _to_uint8_rgb(_decode(_open_bytes(data, name, max_pixels), name, None))
+    return _to_uint8_rgb(_decode(_open_bytes(data, name, max_pixels), name, None, reduce_above))
 
 
 def read_mask(
@@ -157,6 +164,13 @@ def image_size_of(path: str | Path) -> tuple[int, int]:
     """(H, W) of an image file from its header."""
     image = _open(Path(path))
     return image.size[1], image.size[0]
+
+
+def decoded_size(path: str | Path, reduce_above: int = TILED_DECODE_PIXELS) -> tuple[int, int]:
+    """(H, W) that :func:`read_image` will return (no size given), from the header: reduced like the decoder."""
+    h, w = image_size_of(path)
+    factor = int(np.ceil(np.sqrt(h * w / reduce_above))) if h * w > reduce_above else 1
+    return (-(-h // factor), -(-w // factor)) if factor > 1 else (h, w)
 
 
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:

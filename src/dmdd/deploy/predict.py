@@ -15,7 +15,7 @@ import torch
 from dmdd.checkpoint import restore_model
 from dmdd.data.datasets import to_tensor
 from dmdd.data.geometry import from_square, to_square
-from dmdd.data.io import IMAGE_SUFFIXES, list_images, read_image
+from dmdd.data.io import IMAGE_SUFFIXES, MAX_DECODE_PIXELS, TILED_DECODE_PIXELS, list_images, read_image
 from dmdd.data.tiles import TileSpec, score_tiled
 from dmdd.device import select_device
 from dmdd.errors import DmddError, ImageReadError
@@ -98,6 +98,7 @@ class Predictor:
         self.image_size = model.cfg.image_size
         self.resize = model.cfg.resize
         self.tiles = TileSpec.of(model.cfg)
+        self.reduce_above = MAX_DECODE_PIXELS if self.tiles is None else TILED_DECODE_PIXELS
         calibrated = payload.get("thresholds") or {}
         self.image_threshold = image_threshold if image_threshold is not None else calibrated.get("image")
         self.pixel_threshold = pixel_threshold if pixel_threshold is not None else calibrated.get("pixel")
@@ -149,7 +150,7 @@ class Predictor:
             loaded = []
             for path in paths[start : start + batch_size]:
                 try:
-                    loaded.append((path, read_image(path)))
+                    loaded.append((path, read_image(path, reduce_above=self.reduce_above)))
                 except ImageReadError as exc:
                     failures.append({"path": str(path), "error": exc.reason})
             if not loaded:

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from dmdd.config import Config
 from dmdd.data.datasets import AnomalyDataset, Record
 from dmdd.data.geometry import to_square
-from dmdd.data.io import read_image
-from dmdd.data.tiles import TileSpec, cut, grid, padded, scaled, score_tiled
+from dmdd.data.io import TILED_DECODE_PIXELS, decoded_size, read_image
+from dmdd.data.tiles import TileSpec, cut, grid, padded, scaled, scaled_shape, score_tiled
 from dmdd.models.dmdd import DMDD
 
 
@@ -76,13 +76,18 @@ def preload_tiles(records: list[Record], cfg: Config, cap: int = 1024) -> torch.
     """Every tile of the inference grid of each image of ``records`` (at most ``cap``, a seeded choice):
     (N, 3, S, S) uint8, what :func:`preload_images` is for whole images (statistics fitted on tiles)."""
     spec, size = TileSpec.of(cfg.model), cfg.model.image_size
+    positions = []  # (record, top, left) from the headers; only the chosen tiles' images are decoded
+    for i, r in enumerate(records):
+        h, w = scaled_shape(decoded_size(r.image), spec)
+        positions += [(i, t, x) for t, x in grid((max(h, spec.size), max(w, spec.size)), spec)]
+    if len(positions) > cap:
+        keep = np.sort(np.random.default_rng([cfg.train.seed, 11]).choice(len(positions), cap, replace=False))
+        positions = [positions[k] for k in keep]
     tiles = []
-    for r in records:
-        image = padded(scaled(read_image(r.image), spec), spec.size)
-        tiles += [cut(image, t, x, spec.size, size) for t, x in grid(image.shape[:2], spec)]
-    if len(tiles) > cap:
-        keep = np.sort(np.random.default_rng([cfg.train.seed, 11]).choice(len(tiles), cap, replace=False))
-        tiles = [tiles[i] for i in keep]
+    for i in sorted({p[0] for p in positions}):
+        image = padded(scaled(read_image(records[i].image, reduce_above=TILED_DECODE_PIXELS), spec), spec.size)
+        top, left = image.shape[0] - spec.size, image.shape[1] - spec.size  # a header size off by one stays inside
+        tiles += [cut(image, min(t, top), min(x, left), spec.size, size) for j, t, x in positions if j == i]
     if not tiles:
         return torch.zeros(0, 3, size, size, dtype=torch.uint8)
     return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
@@ -103,7 +108,8 @@ def predict_split(model: DMDD, records: list[Record], cfg: Config, device: torch
         if spec is None:
             s, m = run_model(model, batch["image"], device, eval_size)
         else:
-            tiled = [score_tiled_image(model, read_image(path), cfg, device, batch_size) for path in batch["path"]]
+            tiled = [score_tiled_image(model, read_image(path, reduce_above=TILED_DECODE_PIXELS), cfg, device,
+                                       batch_size) for path in batch["path"]]  # fmt: skip
             s = np.array([score for score, _ in tiled], np.float32)
             m = np.stack([to_square(stitched, eval_size) for _, stitched in tiled])
         scores.append(s)

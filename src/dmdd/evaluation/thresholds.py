@@ -12,7 +12,7 @@ import torch
 from dmdd.config import Config
 from dmdd.data.datasets import PairDataset, Record
 from dmdd.data.foreground import ForegroundCache
-from dmdd.data.io import read_image
+from dmdd.data.io import TILED_DECODE_PIXELS, read_image
 from dmdd.data.synthesis import AnomalySynthesizer
 from dmdd.data.tiles import TileSpec
 from dmdd.evaluation import metrics
@@ -97,7 +97,8 @@ def calibrate(model: DMDD, records: list[Record], cfg: Config, device: torch.dev
         anomalous_masks.append(torch.stack([b[2] for b in batch])[:, 0].numpy().astype(bool))
     normal_s, anomalous_s = np.concatenate(normal_scores), np.concatenate(anomalous_scores)
     if tiles is not None:  # an image's score is its largest tile's: the good-image threshold is set on images
-        normal_s = np.array([score_tiled_image(model, read_image(r.image), cfg, device)[0] for r in records])
+        normal_s = np.array([score_tiled_image(model, read_image(r.image, reduce_above=TILED_DECODE_PIXELS), cfg,
+                                               device)[0] for r in records])  # fmt: skip
     normal_m, anomalous_m, masks = map(np.concatenate, (normal_maps, anomalous_maps, anomalous_masks))
     t = cfg.train
     image_t, method = normal_threshold_method(normal_s, t.target_fpr)

@@ -27,7 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from dmdd import __version__
-from dmdd.data.io import IMAGE_SUFFIXES, decode_image, list_images, read_image
+from dmdd.data.io import IMAGE_SUFFIXES, MAX_DECODE_PIXELS, decode_image, list_images, read_image
 from dmdd.deploy.serve.jobs import JobBusy, JobRunner, TrainingJob
 from dmdd.deploy.serve.models import Registry, ServedModel
 from dmdd.errors import DmddError, ImageReadError, ImageTooLargeError
@@ -133,21 +133,23 @@ class Server:
             raise HTTPException(403, f"{what} {relative!r} lies outside the data root")
         return path
 
-    async def read_upload(self, upload: UploadFile) -> np.ndarray:
+    async def read_upload(self, upload: UploadFile, reduce_above: int = MAX_DECODE_PIXELS) -> np.ndarray:
         """An uploaded image as (H, W, 3) uint8 RGB, or a 4xx naming the file."""
-        return (await self.read_upload_bytes(upload))[1]
+        return (await self.read_upload_bytes(upload, reduce_above))[1]
 
-    async def read_upload_bytes(self, upload: UploadFile) -> tuple[bytes, np.ndarray]:
+    async def read_upload_bytes(self, upload: UploadFile, reduce_above: int = MAX_DECODE_PIXELS,
+                                ) -> tuple[bytes, np.ndarray]:  # fmt: skip
         """(the file's bytes, the image), or a 4xx naming the file."""
         name, limit = upload.filename or "upload", self.settings.max_upload_bytes
         data = await upload.read(limit + 1)
         if len(data) > limit:
             raise HTTPException(413, f"{name}: larger than the upload limit of {limit} bytes")
-        return data, self.decode(data, name)
+        return data, self.decode(data, name, reduce_above)
 
-    def decode(self, data: bytes, name: str) -> np.ndarray:
+    def decode(self, data: bytes, name: str, reduce_above: int = MAX_DECODE_PIXELS) -> np.ndarray:
+        """Decode an image (a 4xx naming it otherwise); models on tiles keep more pixels (``reduce_above``)."""
         try:
-            return decode_image(data, name, self.settings.max_pixels)
+            return decode_image(data, name, self.settings.max_pixels, reduce_above)
         except ImageTooLargeError as exc:
             raise HTTPException(413, f"{name}: {exc.reason}") from None
         except ImageReadError as exc:
@@ -239,7 +241,8 @@ async def predict(
     if map == "png" and len(files) != 1:
         raise HTTPException(400, "map=png returns one image: send exactly one file (or use map=base64)")
     chosen = server.model(model)
-    named = [(f.filename or f"upload-{i}", await server.read_upload(f)) for i, f in enumerate(files)]
+    named = [(f.filename or f"upload-{i}", await server.read_upload(f, chosen.reduce_above))
+             for i, f in enumerate(files)]  # fmt: skip
     used = thresholds(chosen, threshold, pixel_threshold)
     body = {"model": chosen.name, **used, "results": rows(chosen, named, used, maps=map != "none")}
     if map == "png":
@@ -281,7 +284,7 @@ def inspect_folder(
         named = []
         for path in paths[start : start + 8]:
             try:
-                named.append((str(path.relative_to(root)), read_image(path)))
+                named.append((str(path.relative_to(root)), read_image(path, reduce_above=chosen.reduce_above)))
             except ImageReadError as exc:
                 failed.append({"name": str(path.relative_to(root)), "error": exc.reason})
         results += rows(chosen, named, used, map == "base64") if named else []
@@ -311,7 +314,7 @@ async def calibrate(
     named, labels, files = [], [], {}
     for label, uploads, paths in ((0, good, good_paths), (1, defective, defective_paths)):
         for i, upload in enumerate(uploads):
-            data, image = await server.read_upload_bytes(upload)
+            data, image = await server.read_upload_bytes(upload, chosen.reduce_above)
             name = upload.filename or f"upload-{label}-{i}"
             named.append((name, image))
             files[f"upload:{name}"] = digest(data)
@@ -319,7 +322,7 @@ async def calibrate(
         for relative in paths:
             path = server.file(relative)
             data = path.read_bytes()
-            named.append((relative, server.decode(data, relative)))
+            named.append((relative, server.decode(data, relative, chosen.reduce_above)))
             files[relative] = digest(data)
             labels.append(label)
     scores = np.array([s.score for s in chosen.score([im for _, im in named])]) if named else np.zeros(0)

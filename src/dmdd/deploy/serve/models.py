@@ -44,6 +44,13 @@ class ServedModel:
                 "pixel_threshold": self.pixel_threshold, "threshold_source": self.threshold_source,
                 "training_data": self.training_data}  # fmt: skip
 
+    @property
+    def reduce_above(self) -> int:
+        """Images of more pixels are reduced while decoding; models on tiles keep more (``dmdd.data.io``)."""
+        from dmdd.data.io import MAX_DECODE_PIXELS, TILED_DECODE_PIXELS
+
+        return TILED_DECODE_PIXELS if getattr(self.engine, "tiles", None) is not None else MAX_DECODE_PIXELS
+
     def stored_thresholds(self) -> dict[str, Any] | None:
         """The thresholds in the checkpoint file as it is now (PyTorch models)."""
         from dmdd.checkpoint import load_checkpoint
