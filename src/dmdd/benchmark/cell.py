@@ -75,7 +75,8 @@ def summarise_metrics(result: dict[str, Any]) -> dict[str, Any]:
     point = result.get("operating_point")
     if point:
         out["decisions"] = {k: point.get(k) for k in ("threshold", "mode", "target_fpr", "false_alarm_rate",
-                                                      "detection_rate", "best_detection_rate_at_same_false_alarms")}
+                                                      "detection_rate", "best_detection_rate_at_same_false_alarms",
+                                                      "per_defect_type")}  # fmt: skip
     return out
 
 

@@ -118,6 +118,21 @@ def quality_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_type_table(records: list[dict[str, Any]]) -> str:
+    """One row per model x defect type (first seed of each cell): image AUROC against the good images, pixel AUROC,
+    AU-PRO, and the share flagged at the stored threshold."""
+    head = ["category", "model", "budget", "defect type", "I-AUROC", "P-AUROC", "AU-PRO", "detected"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (category, model, budget), rs in _groups(records).items():
+        metrics = rs[0]["metrics"]
+        detected = ((metrics.get("decisions") or {}).get("per_defect_type")) or {}
+        for kind, m in sorted(metrics["per_defect_type"].items()):
+            quality = [_pct([m.get(k)]) for k in ("image_auroc", "pixel_auroc", "au_pro")]
+            cells = [category, model, budget, kind, *quality, _pct([detected.get(kind)])]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def speed_table(records: list[dict[str, Any]]) -> str:
     """Per cell: device, training steps and minutes, seconds per student step, inference images/s, peak memory."""
     head = ["dataset", "category", "model", "budget", "device", "steps", "train min", "s/step", "img/s", "peak RSS MiB",
@@ -177,6 +192,19 @@ def labelled_table(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tiles_speed_table(data: dict[str, Any]) -> str:
+    """benchmarks/small_defects.py speed: seconds per camera-size image and peak memory per checkpoint."""
+    head = ["model", "tile", "image", "s/image", "peak RSS MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in data["rows"]:
+        path = Path(r["checkpoint"])
+        name = path.parent.parent.name if path.parent.name == "run" else str(path)
+        cells = [name, r["tile"] or "-", f"{r['width']}x{r['height']} ({r['megapixels']} MP)", r["seconds_per_image"],
+                 r["peak_rss_mib"]]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def normal_only_table(data: dict[str, Any]) -> str:
     """benchmarks/thresholds.py, part 2: thresholds from a few held-out good images, measured on the test split."""
     head = ["held-out good images", "threshold", "draws", "false alarms", "recall"]
@@ -187,9 +215,9 @@ def normal_only_table(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-RENDERERS = {"quality": quality_table, "speed": speed_table}
+RENDERERS = {"quality": quality_table, "speed": speed_table, "per_type": per_type_table}
 FILE_RENDERERS = {"json": json_table, "deploy": deploy_table, "labelled": labelled_table,
-                  "normal_only": normal_only_table}  # fmt: skip
+                  "normal_only": normal_only_table, "tiles_speed": tiles_speed_table}  # fmt: skip
 _BLOCK = re.compile(r"(<!-- benchmark: (\S+)(?: table=(\w+))? -->\n)(.*?)(<!-- /benchmark -->)", re.S)
 
 

@@ -14,7 +14,7 @@ from dmdd.data.foreground import ForegroundCache, resolve_policy
 from dmdd.data.geometry import from_square, to_square
 from dmdd.data.io import IMAGE_SUFFIXES, TILED_DECODE_PIXELS, image_size_of, list_images, read_image, read_mask
 from dmdd.data.synthesis import AnomalySynthesizer
-from dmdd.data.tiles import TileSpec, grid, padded, random_tile, scaled
+from dmdd.data.tiles import TileSpec, random_tile, scaled
 from dmdd.errors import DatasetError
 
 GOOD = "good"
@@ -286,9 +286,9 @@ class PairDataset(Dataset):
     ``i`` in epoch ``e`` draws from ``numpy.random.default_rng([seed, e, stream, i])``, so it is the same whatever
     the worker count or the order of access; items are indexed by ``i`` or by the key ``(e, stream, i)``.
 
-    With ``tiles`` each image is kept at its own size (scaled by the tile scale); an epoch has as many pairs as the
-    images have tiles on the inference grid, each a tile at a random position of its image, with the synthetic
-    anomaly made on the tile. The foreground (object or texture, and the object's mask) is decided on the whole
+    With ``tiles`` each image is kept at its own size (scaled by the tile scale) and an epoch still has one pair
+    per image: a tile at a random position of it (a fresh one every epoch), with the synthetic anomaly made on the
+    tile. The foreground (object or texture, and the object's mask) is decided on the whole
     image squashed to ``image_size`` and the mask cut with the tile.
     """
 
@@ -321,8 +321,6 @@ class PairDataset(Dataset):
         if tiles is not None:
             self.masks = [None if self.policy != "object" else from_square(m.astype(np.float32), im.shape[:2]) > 0.5
                           for m, im in zip(self.masks, self.images)]  # fmt: skip
-            counts = [len(grid(padded(im, tiles.size).shape[:2], tiles)) for im in self.images]
-            self.tile_owner = np.repeat(np.arange(len(self.images)), counts)
 
     def set_epoch(self, epoch: int, stream: int = 0) -> None:
         """Select the pairs of an epoch; ``stream`` 1 gives fresh pairs for the segmentation phase."""
@@ -330,14 +328,13 @@ class PairDataset(Dataset):
         self.stream = stream
 
     def __len__(self) -> int:
-        return len(self.images) if self.tiles is None else len(self.tile_owner)
+        return len(self.images)
 
     def pair(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.tiles is None:
             image, foreground = self.images[index], self.masks[index]
         else:
-            owner = int(self.tile_owner[index])
-            image, foreground = random_tile(self.images[owner], self.masks[owner], self.tiles, self.image_size, rng)
+            image, foreground = random_tile(self.images[index], self.masks[index], self.tiles, self.image_size, rng)
         if foreground is None:
             foreground = np.ones(image.shape[:2], dtype=bool)
         anomalous, mask = self.synthesizer(image, foreground, rng)
