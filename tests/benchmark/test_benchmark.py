@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -261,3 +262,38 @@ def test_the_threshold_driver_runs_on_a_tiny_model_and_its_tables_render(tiny_tr
     assert {(r["held_out"], r["method"]) for r in data["normal_only"]} == {
         (1, "dmdd: max"), (1, "before: maximum"), (2, "dmdd: max"), (2, "before: maximum")}
     assert labelled_table(data).count("\n") == 4 and normal_only_table(data).count("\n") == 6
+
+
+def test_the_small_defect_driver_builds_its_category_and_times_a_tiled_model(tiny_tree, tmp_path):
+    from conftest import tiny_config
+    from PIL import Image
+
+    from dmdd.data import load_category
+    from dmdd.training.loop import fit
+
+    out = tmp_path / "small"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "small_defects.py"), "make", "--data",
+                           str(tiny_tree.parent), "--category", "metal", "--upscale", "2", "--sizes", "8,16",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    cat = load_category(out, "metal_x2")
+    assert len(cat.train) == 8 and sorted({r.defect_type for r in cat.test}) == ["good", "size08", "size16"]
+    for r in cat.test:
+        assert Image.open(r.image).size == (128, 128)  # 64 px images upscaled twice
+        if r.label:  # the pasted defect's mask spans at most its size along each axis
+            mask = np.asarray(Image.open(r.mask)) > 0
+            ys, xs = np.nonzero(mask)
+            size = int(r.defect_type[4:])
+            assert 0 < np.ptp(ys) + 1 <= size and 0 < np.ptp(xs) + 1 <= size
+
+    ckpt = fit(tiny_config(tiny_tree, steps=1).replace(model={"tile": 32}), tmp_path / "run", progress=False)
+    speed = tmp_path / "speed.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "small_defects.py"), "speed", str(ckpt),
+                           "--megapixels", "0.02", "--repeats", "1", "--out", str(speed)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(speed.read_text())["rows"]
+    assert row["tile"] == 32 and row["seconds_per_image"] > 0 and row["peak_rss_mib"] > 100
+    from dmdd.benchmark.tables import tiles_speed_table
+
+    assert f"| {ckpt.parent.parent.name} | 32 |" in tiles_speed_table({"rows": [row]})  # named after the cell
