@@ -105,8 +105,8 @@ def run_suite(suite: Suite, out: Path | None = None, jobs: int = 1, device: str 
         failed, stopped = _run_cells(suite, out, todo, pool, progress)
         records = collect(out, cells)
         write_summary(out, records)
-        if suite.results is not None and not only:
-            publish(suite, records)
+        if suite.results is not None:  # every finished cell of the suite, also after a run limited by --only
+            publish(suite, records if only is None else collect(out, suite.cells()))
         if stopped:
             raise DmddError(f"benchmark stopped ({stopped}); finished cells are kept in {out}, an interrupted cell "
                             "resumes from its last epoch: run the same command again")  # fmt: skip
