@@ -358,7 +358,9 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     stats_images = preload_images(stats_records, cfg) if len(stats_records) <= PRELOAD_MAX else stats_records
     fitted_on = train_records
     if tiles is not None:  # statistics and Gaussians of tiles, as the model will see them
-        stats_images, fitted_on = preload_tiles(stats_records, cfg, cap=256), preload_tiles(train_records, cfg)
+        # every epoch refits the map statistics: a few tiles per held-out image keep that pass short
+        stats_cap = min(256, max(64, 4 * len(stats_records)))
+        stats_images, fitted_on = preload_tiles(stats_records, cfg, stats_cap), preload_tiles(train_records, cfg)
     if model.global_score is not None and not model.global_score.gaussian_fitted:  # the frozen teacher's, once
         fit_global_score(model, fitted_on, cfg, device)
     if model.regional is not None and not model.regional.gaussian_fitted:
