@@ -207,7 +207,7 @@ def wait_for(c: TestClient, job_id: str, states: set[str], timeout: float = 240,
 def test_a_training_job_runs_one_at_a_time_reports_progress_and_its_model_appears(served):
     with client(served, runs_dir=served["out"] / "jobs1") as c:
         category = served["category"].name
-        r = c.post("/jobs", json={"folder": category, "minutes": 0.02, "backbone": "efficientnet_lite0"})
+        r = c.post("/jobs", json={"folder": category, "minutes": 0.02, "backbone": "efficientnet_lite0", "tile": 32})
         assert r.status_code == 201, r.text
         job = r.json()
         busy = c.post("/jobs", json={"folder": category, "minutes": 0.02, "backbone": "efficientnet_lite0"})
@@ -218,6 +218,8 @@ def test_a_training_job_runs_one_at_a_time_reports_progress_and_its_model_appear
         assert done["step"] >= 1 and done["step"] == done["total_steps"] and done["losses"]
         assert done["model"] == job["id"]
         assert job["id"] in [m["name"] for m in c.get("/models").json()["models"]]
+        (checkpoint,) = (served["out"] / "jobs1" / job["id"]).rglob("last.pt")
+        assert load_checkpoint(checkpoint)["config"]["model"]["tile"] == 32  # the web app's Tiles field
         name, data = a_test_image(served)
         scored = c.post("/predict", params={"model": job["id"]}, files={"files": (name, data)})
         assert scored.status_code == 200 and np.isfinite(scored.json()["results"][0]["score"])

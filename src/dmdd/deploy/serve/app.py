@@ -78,6 +78,7 @@ class JobRequest(BaseModel):
     minutes: float = Field(10.0, gt=0, le=24 * 60, description="training budget in minutes")
     backbone: str = Field("wide_resnet50_2", description="backbone, e.g. wide_resnet50_2 or efficientnet_lite0")
     image_size: int | None = Field(None, description="input size (multiple of 32); default 256")
+    tile: int | None = Field(None, description="train on square tiles of this many pixels (camera-size images)")
 
 
 def _png_base64(rgb: np.ndarray) -> str:
@@ -342,7 +343,8 @@ async def calibrate(
 def start_job(request: JobRequest, server: ServerDep) -> dict:
     folder = server.folder(request.folder)
     try:
-        return server.jobs.start(folder, request.minutes, request.backbone, request.image_size).status()
+        return server.jobs.start(folder, request.minutes, request.backbone, request.image_size,
+                                 request.tile).status()  # fmt: skip
     except JobBusy as exc:
         raise HTTPException(409, str(exc)) from None
 

@@ -94,7 +94,8 @@ class JobRunner:
     def running(self) -> TrainingJob | None:
         return next((j for j in self.jobs.values() if j.finished is None), None)
 
-    def start(self, data: Path, minutes: float, backbone: str, image_size: int | None = None) -> TrainingJob:
+    def start(self, data: Path, minutes: float, backbone: str, image_size: int | None = None,
+              tile: int | None = None) -> TrainingJob:  # fmt: skip
         with self._lock:
             if (busy := self.running()) is not None:
                 raise JobBusy(f"training job {busy.id} is still running; stop it or wait")
@@ -105,6 +106,8 @@ class JobRunner:
                    "--backbone", backbone, "--out", str(out), "--no-progress", *self.extra_args]  # fmt: skip
             if image_size:
                 cmd += ["--image-size", str(image_size)]
+            if tile:
+                cmd += ["--tile", str(tile)]
             with (out / "job.log").open("w") as log:
                 process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.runs_dir)
             job = TrainingJob(job_id, data, out, minutes, backbone, process)

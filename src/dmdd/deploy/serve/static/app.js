@@ -271,7 +271,7 @@ $("train-form").addEventListener("submit", async (e) => {
   try {
     const job = await api("jobs", { method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ folder: $("train-folder").value, minutes: parseFloat($("train-minutes").value),
-                             backbone: $("train-backbone").value }) });
+                             backbone: $("train-backbone").value, tile: parseInt($("train-tile").value) || null }) });
     showJob(job);
     jobPoll = setInterval(async () => showJob(await api(`jobs/${job.id}`)), 1000);
   } catch (err) { $("job").hidden = false; $("job-detail").textContent = err.message; }
