@@ -280,7 +280,8 @@ def test_minutes_budget_replans_as_the_step_time_settles_and_ends_within_it(tiny
         start = clock.now
         payload = load_checkpoint(fit(cfg, tmp_path / "m", progress=False, clock=clock))
     history = payload["history"]
-    # epoch 1: 10 s setup + 3 x 15 s + 3 s = 58 s; 90 - 58 - 6 (calibration: two statistics passes) leaves 26 s,
+    # epoch 1: 10 s setup + 3 x 15 s + 3 s = 58 s; 90 - 58 - 6 (calibration: a good and a synthetic input per
+    # held-out image, 4, at the statistics pass's 1.5 s per image) leaves 26 s,
     # one more step at 15 s + 3 s. Epoch 2 measures 5 s a step: 90 - 66 - 6 = 18 s hold 3 steps and an epoch's 3 s.
     assert [e["step"] for e in history] == [3, 4, 7] and [e["total_steps"] for e in history] == [4, 7, 7]
     assert [e["elapsed"] for e in history] == [58.0, 66.0, 84.0]

@@ -12,9 +12,9 @@ import torch
 from dmdd.config import Config
 from dmdd.data.datasets import PairDataset, Record
 from dmdd.data.foreground import ForegroundCache
-from dmdd.data.io import TILED_DECODE_PIXELS, read_image
+from dmdd.data.io import TILED_DECODE_PIXELS, decoded_size, read_image
 from dmdd.data.synthesis import AnomalySynthesizer
-from dmdd.data.tiles import TileSpec
+from dmdd.data.tiles import TileSpec, grid, scaled_shape
 from dmdd.evaluation import metrics
 from dmdd.evaluation.predictions import Predictions, run_model, score_tiled_image
 from dmdd.models.dmdd import DMDD
@@ -65,8 +65,28 @@ def normal_threshold_method(normal: np.ndarray, target_fpr: float) -> tuple[floa
     return max(float(bound), above_max), "tail"
 
 
+def calibration_pairs(records: list[Record], cfg: Config) -> PairDataset:
+    """The held-out images and their synthetic anomalies that :func:`calibrate` scores, decoded (and their
+    foregrounds found) now: built before training, the end of a ``--minutes`` run only runs the model."""
+    return PairDataset(records, cfg.model.image_size, AnomalySynthesizer(cfg.synthesis), cfg.train.seed,
+                       ForegroundCache(cfg.synthesis), cfg.model.resize, TileSpec.of(cfg.model))  # fmt: skip
+
+
+def calibration_forwards(records: list[Record], cfg: Config) -> int:
+    """How many model inputs :func:`calibrate` runs: a good and a synthetic one per held-out image, and with
+    tiles every grid tile of each held-out image (its image-level score)."""
+    tiles = TileSpec.of(cfg.model)
+    count = 2 * len(records)
+    if tiles is not None:
+        for r in records:
+            h, w = scaled_shape(decoded_size(r.image), tiles)
+            count += len(grid((max(h, tiles.size), max(w, tiles.size)), tiles))
+    return count
+
+
 @torch.inference_mode()
-def calibrate(model: DMDD, records: list[Record], cfg: Config, device: torch.device) -> dict[str, Any]:
+def calibrate(model: DMDD, records: list[Record], cfg: Config, device: torch.device,
+              pairs: PairDataset | None = None) -> dict[str, Any]:  # fmt: skip
     """Image and pixel thresholds from held-out good training images (and synthetic anomalies made from them).
 
     No test image or label is involved. Both operating points are computed and stored; ``cfg.train.threshold_mode``
@@ -78,10 +98,8 @@ def calibrate(model: DMDD, records: list[Record], cfg: Config, device: torch.dev
       threshold maximises pixel F1 on the synthetic masks.
     """
     model.eval()
-    synthesizer = AnomalySynthesizer(cfg.synthesis)
     tiles = TileSpec.of(cfg.model)
-    pairs = PairDataset(records, cfg.model.image_size, synthesizer, cfg.train.seed, ForegroundCache(cfg.synthesis),
-                        cfg.model.resize, tiles)  # fmt: skip
+    pairs = pairs if pairs is not None else calibration_pairs(records, cfg)
     pairs.set_epoch(0, CALIBRATION_STREAM)
     normal_scores, anomalous_scores, normal_maps, anomalous_maps, anomalous_masks = [], [], [], [], []
     for start in range(0, len(pairs), 8):

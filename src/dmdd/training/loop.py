@@ -33,6 +33,7 @@ from dmdd.device import select_device
 from dmdd.errors import DmddError, TrainingDivergedError
 from dmdd.evaluation import calibrate, fit_global_score, fit_map_statistics, fit_regional_score, preload_images
 from dmdd.evaluation.predictions import preload_tiles
+from dmdd.evaluation.thresholds import calibration_forwards, calibration_pairs
 from dmdd.models.dmdd import DMDD
 from dmdd.training.averaging import WeightAverage
 from dmdd.training.distributed import (
@@ -365,6 +366,10 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
         fit_global_score(model, fitted_on, cfg, device)
     if model.regional is not None and not model.regional.gaussian_fitted:
         fit_regional_score(model, fitted_on, cfg, device)
+    calibration, forwards = None, 0
+    if ctx.is_main:  # decoded and foregrounds found now, so a --minutes budget can reserve just the model's time
+        calibration = calibration_pairs(holdout or train_records, cfg)
+        forwards = calibration_forwards(holdout or train_records, cfg)
     batches = iter(loader)
     spent_before = state.history[-1].get("elapsed", 0.0) if state.history else 0.0  # earlier sessions (--resume)
     save_seconds = 0.0
@@ -392,7 +397,7 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
                         state.total_steps = steps_for_budget(
                             cfg.train.minutes * 60, elapsed, log["student_seconds"] / (state.step - first_step),
                             seconds - log["student_seconds"] + save_seconds, student_steps, state.step,
-                            reserve=2 * stats_seconds + save_seconds)  # calibration: two held-out passes
+                            reserve=stats_seconds / max(1, len(stats_images)) * forwards + save_seconds)
                         bar.total = bar.n + (student_steps + seg_steps) * math.ceil(
                             (state.total_steps - state.step) / student_steps
                         )
@@ -426,7 +431,7 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     if ctx.is_main:
         with _weights_for_maps(average, guard) as extra:
             # Thresholds from held-out normal training images (all training images when none are held out).
-            thresholds = calibrate(model, holdout or train_records, cfg, device)
+            thresholds = calibrate(model, holdout or train_records, cfg, device, calibration)
             if thresholds["normal"].get("note"):
                 print(f"dmdd: {thresholds['normal']['note']}", file=sys.stderr)
             save_state(ckpt_path, cfg, model, student_opt, seg_opt, state, thresholds=thresholds, **extra)
