@@ -97,13 +97,13 @@ def make(args) -> int:
     return 0
 
 
-def speed_one(checkpoint: str, megapixels: float, repeats: int) -> dict:
+def speed_one(checkpoint: str, megapixels: float, repeats: int, threads: int) -> dict:
     """In this process: score one synthetic camera image (upscaled noise) ``repeats`` times."""
     import torch
 
     from dmdd.deploy.predict import Predictor
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     h = int(round((megapixels * 1e6 * 3 / 4) ** 0.5))
     w = int(round(h * 4 / 3))
     small = np.random.default_rng(0).integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)
@@ -115,7 +115,7 @@ def speed_one(checkpoint: str, megapixels: float, repeats: int) -> dict:
         predictor.score_full([image])
     seconds = (time.perf_counter() - start) / repeats
     return {"checkpoint": checkpoint, "tile": predictor.tiles.size if predictor.tiles else 0, "width": w, "height": h,
-            "megapixels": round(h * w / 1e6, 1), "seconds_per_image": round(seconds, 2),
+            "megapixels": round(h * w / 1e6, 1), "seconds_per_image": round(seconds, 2), "threads": threads,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # fmt: skip
 
 
@@ -123,7 +123,8 @@ def speed(args) -> int:
     rows = []
     for ckpt in args.checkpoints:
         for mp in args.megapixels:
-            done = subprocess.run([sys.executable, __file__, "_speed_one", ckpt, str(mp), str(args.repeats)],
+            done = subprocess.run([sys.executable, __file__, "_speed_one", ckpt, str(mp), str(args.repeats),
+                                   str(args.threads)],
                                   capture_output=True, text=True, check=True)  # fmt: skip
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(rows[-1])
@@ -134,7 +135,7 @@ def speed(args) -> int:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_speed_one":
-        print(json.dumps(speed_one(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))))
+        print(json.dumps(speed_one(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))))
         return 0
     p = parser(__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -149,6 +150,7 @@ def main() -> int:
     s.add_argument("checkpoints", nargs="+")
     s.add_argument("--megapixels", type=lambda v: [float(x) for x in v.split(",")], default=[5.0, 20.0])
     s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--threads", type=int, default=2)
     s.add_argument("--out", required=True)
     args = p.parse_args()
     return make(args) if args.command == "make" else speed(args)

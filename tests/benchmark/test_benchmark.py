@@ -289,7 +289,7 @@ def test_the_small_defect_driver_builds_its_category_and_times_a_tiled_model(tin
     ckpt = fit(tiny_config(tiny_tree, steps=1).replace(model={"tile": 32}), tmp_path / "run", progress=False)
     speed = tmp_path / "speed.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "small_defects.py"), "speed", str(ckpt),
-                           "--megapixels", "0.02", "--repeats", "1", "--out", str(speed)],
+                           "--megapixels", "0.02", "--repeats", "1", "--threads", "1", "--out", str(speed)],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     (row,) = json.loads(speed.read_text())["rows"]

@@ -194,13 +194,13 @@ def labelled_table(data: dict[str, Any]) -> str:
 
 def tiles_speed_table(data: dict[str, Any]) -> str:
     """benchmarks/small_defects.py speed: seconds per camera-size image and peak memory per checkpoint."""
-    head = ["model", "tile", "image", "s/image", "peak RSS MiB"]
+    head = ["model", "tile", "image", "threads", "s/image", "peak RSS MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in data["rows"]:
         path = Path(r["checkpoint"])
         name = path.parent.parent.name if path.parent.name == "run" else str(path)
-        cells = [name, r["tile"] or "-", f"{r['width']}x{r['height']} ({r['megapixels']} MP)", r["seconds_per_image"],
-                 r["peak_rss_mib"]]  # fmt: skip
+        cells = [name, r["tile"] or "-", f"{r['width']}x{r['height']} ({r['megapixels']} MP)", r.get("threads", "-"),
+                 r["seconds_per_image"], r["peak_rss_mib"]]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
