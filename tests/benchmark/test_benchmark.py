@@ -194,12 +194,13 @@ def test_every_shipped_suite_loads_and_expands(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "anomalib" else real(name, *a))
     made = make_demo_dataset(tmp_path / "gen", "metal", size=32, train=2, test_good=1, test_per_defect=1, seed=0)
-    for name in ("tire", "magnetic_tile", "bottle"):
+    for name in ("tire", "magnetic_tile", "bottle", "tire_x4"):
         made.rename(tmp_path / name) if name == "tire" else shutil.copytree(tmp_path / "tire", tmp_path / name)
-    for var in ("DMDD_DATA", "MVTEC_ROOT", "MPDD_ROOT"):
+    for var in ("DMDD_DATA", "MVTEC_ROOT", "MPDD_ROOT", "DMDD_SMALL"):
         monkeypatch.setenv(var, str(tmp_path))
     suites = sorted((REPO / "benchmarks" / "suites").glob("*.yaml"))
-    assert {s.stem for s in suites} >= {"dev", "speed", "paper_mvtec", "paper_mpdd", "gpu_smoke"}
+    shipped = {"dev", "speed", "paper_mvtec", "paper_mpdd", "gpu_smoke", "ladder", "small_defects"}
+    assert {s.stem for s in suites} >= shipped
     for path in suites:
         suite = load_suite(path)
         assert suite.cells(), path.name
