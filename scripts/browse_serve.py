@@ -54,6 +54,23 @@ def cards(page) -> list[dict]:
     )
 
 
+@contextlib.contextmanager
+def uploaded_page(base_url: str, images: list[Path], height: int = 900):
+    """Headless Chromium on the app's page with ``images`` uploaded and their cards shown; yields the page."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=find_chromium(), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": height})
+            page.goto(base_url + "/")
+            page.set_input_files("#file-input", [str(i) for i in images])
+            page.wait_for_function(f"document.querySelectorAll('.card img').length === {len(images)}", timeout=60_000)
+            yield page
+        finally:
+            browser.close()
+
+
 def inspect_in_browser(base_url: str, images: list[Path], png: Path | None = None) -> dict:
     """Upload ``images`` on the page, wait for their cards, click the first image (mask) and back, then press End
     and Home on the slider.
@@ -61,33 +78,23 @@ def inspect_in_browser(base_url: str, images: list[Path], png: Path | None = Non
     Returns the cards after the upload, whether the click showed the mask, the cards with the slider at its maximum
     (End) and at its minimum (Home), and the threshold shown at first.
     """
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=find_chromium(), args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(base_url + "/")
-            page.set_input_files("#file-input", [str(i) for i in images])
-            page.wait_for_function(f"document.querySelectorAll('.card img').length === {len(images)}", timeout=60_000)
-            page.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete)")
-            first = {"cards": cards(page), "threshold": page.text_content("#threshold-value"),
-                     "counts": page.text_content("#counts")}  # fmt: skip
-            if png is not None:
-                png.parent.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(png), full_page=True)
-            page.click(".card img")  # the mask instead of the overlay
-            mask_shown = page.get_attribute(".card img", "class") == "mask"
-            page.click(".card img")
-            slider = page.locator("#threshold")
-            slider.focus()
-            slider.press("End")
-            at_max = cards(page)
-            slider.press("Home")
-            at_min = cards(page)
-            return {**first, "mask_shown": mask_shown, "at_max": at_max, "at_min": at_min}
-        finally:
-            browser.close()
+    with uploaded_page(base_url, images) as page:
+        page.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete)")
+        first = {"cards": cards(page), "threshold": page.text_content("#threshold-value"),
+                 "counts": page.text_content("#counts")}  # fmt: skip
+        if png is not None:
+            png.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(png), full_page=True)
+        page.click(".card img")  # the mask instead of the overlay
+        mask_shown = page.get_attribute(".card img", "class") == "mask"
+        page.click(".card img")
+        slider = page.locator("#threshold")
+        slider.focus()
+        slider.press("End")
+        at_max = cards(page)
+        slider.press("Home")
+        at_min = cards(page)
+        return {**first, "mask_shown": mask_shown, "at_max": at_max, "at_min": at_min}
 
 
 def calibrate_in_browser(base_url: str, good: list[Path], defective: list[Path], rule: str = "f1",
@@ -97,41 +104,30 @@ def calibrate_in_browser(base_url: str, good: list[Path], defective: list[Path],
     Returns the preview's text and slider value, the cards after saving, the threshold source shown and whether the
     histogram and ROC canvases were drawn.
     """
-    from playwright.sync_api import sync_playwright
-
-    images = [*good, *defective]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=find_chromium(), args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1100})
-            page.goto(base_url + "/")
-            page.set_input_files("#file-input", [str(i) for i in images])
-            page.wait_for_function(f"document.querySelectorAll('.card img').length === {len(images)}", timeout=60_000)
-            for path in good:
-                page.click(f'.card[data-name="{path.name}"] .labels button[data-label="0"]')
-            for path in defective:
-                page.click(f'.card[data-name="{path.name}"] .labels button[data-label="1"]')
-            page.click("#calibration summary")
-            name, _, rate = rule.partition("=")
-            page.select_option("#rule", name)
-            if rate:
-                page.fill("#rate", rate)
-            page.click("#calibrate-preview")
-            page.wait_for_function("document.querySelector('#calibration-text').textContent.startsWith('Preview')")
-            preview = {"text": page.text_content("#calibration-text"), "threshold": page.text_content("#threshold-value"),
-                       "drawn": page.evaluate("""() => ['histogram', 'roc'].map(id => { const c = document.getElementById(id);
-                           return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v > 0); })""")}  # fmt: skip
-            page.click("#calibrate-save")
-            page.wait_for_function("document.querySelector('#calibration-text').textContent.startsWith('Saved')")
-            page.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete)")
-            saved = {"cards": cards(page), "source": page.text_content("#threshold-source"),
-                     "text": page.text_content("#calibration-text"), "counts": page.text_content("#counts")}  # fmt: skip
-            if png is not None:
-                png.parent.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(png), full_page=True)
-            return {"preview": preview, **saved}
-        finally:
-            browser.close()
+    with uploaded_page(base_url, [*good, *defective], height=1100) as page:
+        for path in good:
+            page.click(f'.card[data-name="{path.name}"] .labels button[data-label="0"]')
+        for path in defective:
+            page.click(f'.card[data-name="{path.name}"] .labels button[data-label="1"]')
+        page.click("#calibration summary")
+        name, _, rate = rule.partition("=")
+        page.select_option("#rule", name)
+        if rate:
+            page.fill("#rate", rate)
+        page.click("#calibrate-preview")
+        page.wait_for_function("document.querySelector('#calibration-text').textContent.startsWith('Preview')")
+        preview = {"text": page.text_content("#calibration-text"), "threshold": page.text_content("#threshold-value"),
+                   "drawn": page.evaluate("""() => ['histogram', 'roc'].map(id => { const c = document.getElementById(id);
+                       return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v > 0); })""")}  # fmt: skip
+        page.click("#calibrate-save")
+        page.wait_for_function("document.querySelector('#calibration-text').textContent.startsWith('Saved')")
+        page.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete)")
+        saved = {"cards": cards(page), "source": page.text_content("#threshold-source"),
+                 "text": page.text_content("#calibration-text"), "counts": page.text_content("#counts")}  # fmt: skip
+        if png is not None:
+            png.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(png), full_page=True)
+        return {"preview": preview, **saved}
 
 
 def main() -> int:
