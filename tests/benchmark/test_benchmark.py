@@ -19,10 +19,12 @@ import pytest
 import yaml
 
 from dmdd.benchmark import load_suite, render_page, run_suite
+from dmdd.benchmark.cell import load_predictions
 from dmdd.benchmark.runner import OutputLock, cell_dir
 from dmdd.benchmark.tables import csv_text, quality_table
 from dmdd.cli import main
 from dmdd.errors import ConfigError, DmddError
+from dmdd.evaluation import compute_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = {"name": "tiny", "backbone": "efficientnet_lite0", "image_size": 64,
@@ -101,6 +103,11 @@ def test_a_tiny_suite_runs_skips_finished_cells_and_records_failures(tmp_path, t
     assert 0 < m["image_auroc"] <= 1 and m["au_pro"] is not None and m["decisions"]["false_alarm_rate"] is not None
     assert record["environment"]["versions"]["torch"] and record["memory"]["peak_rss_mib"] > 100
     assert record["inference"]["images"] == 9 and record["inference"]["images_per_s"] > 0
+    # the saved predictions give back the cell's metrics (maps kept in float16)
+    saved = load_predictions(cell_dir(tmp_path / "out", suite.cells()[0]) / "predictions.npz")
+    assert len(saved.paths) == 9 and saved.maps.shape[0] == 9 and saved.masks.shape == saved.maps.shape
+    again = compute_metrics(saved)["overall"]
+    assert abs(again["image_auroc"] - m["image_auroc"]) < 1e-9 and abs(again["pixel_auroc"] - m["pixel_auroc"]) < 1e-3
     # the published file and the summary tables hold what the cell JSON holds
     published = json.loads(results.read_text())["cells"]
     assert [c["id"] for c in published] == [record["id"]]
@@ -239,6 +246,9 @@ def test_peers_run_as_cells_and_are_scored_by_dmdds_metric_code(tmp_path, tiny_t
     for r in by_model.values():  # every test image scored, pixel metrics from the same masks as dmdd's
         assert r["metrics"]["images"] == 9 and r["metrics"]["au_pro"] is not None
         assert r["environment"]["versions"]["anomalib"]
+        saved = load_predictions(cell_dir(tmp_path / "out", next(c for c in load_suite(path).cells()
+                                                                if c.model.name == r["model"])) / "predictions.npz")
+        assert abs(compute_metrics(saved)["overall"]["image_auroc"] - r["metrics"]["image_auroc"]) < 1e-9
 
 
 def test_the_threshold_driver_runs_on_a_tiny_model_and_its_tables_render(tiny_tree, tmp_path):

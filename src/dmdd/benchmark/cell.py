@@ -5,7 +5,9 @@ the training loop, which keeps its last finished epoch.
 ``CELL_DIR/spec.json`` holds what the runner resolved (dataset, category, model entry, budget, seed, threads);
 the result holds the metrics per the paper's protocol (I-AUROC, P-AUROC, AU-PRO at a 0.3 false-positive limit,
 F1-max), the decisions at the stored thresholds, timings, peak memory, device, versions, git commit and the full
-resolved configuration.
+resolved configuration. Beside it, ``predictions.npz`` keeps the test split's image scores and anomaly maps (float16)
+with labels, masks and paths, so a finished cell can be analysed again (per region, per defect type) without
+re-running it (:func:`save_predictions`, :func:`load_predictions`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dmdd.device import select_device
 RESULT = "cell.json"
 FAILURE = "error.json"
 SPEC = "spec.json"
+PREDICTIONS = "predictions.npz"
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -39,6 +42,25 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str))
     os.replace(tmp, path)
+
+
+def save_predictions(path: Path, predictions) -> None:
+    """Write a cell's test predictions atomically: scores (float32), maps (float16), masks (bool), labels, names."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, scores=np.asarray(predictions.scores, np.float32),
+                        maps=np.asarray(predictions.maps, np.float16), masks=np.asarray(predictions.masks) > 0,
+                        labels=np.asarray(predictions.labels, np.int8), defect_types=np.asarray(predictions.defect_types),
+                        paths=np.asarray(predictions.paths), has_mask=predictions.pixel_labelled())  # fmt: skip
+    os.replace(tmp, path)
+
+
+def load_predictions(path: Path):
+    """The :class:`dmdd.evaluation.Predictions` a cell saved (maps back in float32)."""
+    from dmdd.evaluation import Predictions
+
+    with np.load(path) as z:
+        return Predictions(z["scores"], z["maps"].astype(np.float32), z["masks"].astype(np.uint8), z["labels"],
+                           [str(t) for t in z["defect_types"]], [str(p) for p in z["paths"]], z["has_mask"])  # fmt: skip
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -114,6 +136,7 @@ def run_dmdd(data: Dataset, category: str, model: ModelSpec, budget: dict, seed:
     steps = int(log[-1]["step"]) if log else 0
     student_s = sum(float(e.get("student_seconds", 0.0)) for e in log)
     return {
+        "predictions": predictions,
         "metrics": summarise_metrics(result),
         "train": {"seconds": round(sum(float(e["seconds"]) for e in log), 2), "fit_seconds": round(fit_s, 2),
                   "steps": steps, "epochs": len(log),
@@ -143,6 +166,7 @@ def run_cell(cell_dir: Path) -> dict[str, Any]:
 
         body = run_peer(data, spec["category"], model, spec["budget"], spec["seed"], device_name)
 
+    save_predictions(cell_dir / PREDICTIONS, body.pop("predictions"))
     device = select_device(device_name)
     record = {"id": spec["id"], "suite": spec["suite"], "dataset": data.name, "category": spec["category"],
               "model": model.name, "kind": model.kind, "backbone": spec.get("backbone"), "budget": spec["budget"],

@@ -164,6 +164,7 @@ def run_peer(data: Dataset, category: str, model: ModelSpec, budget: dict, seed:
     predictions = Predictions(scores, maps.astype(np.float32), masks, labels, meta["defect_types"], meta["paths"],
                               meta["has_mask"])  # fmt: skip
     return {
+        "predictions": predictions,
         "metrics": summarise_metrics(compute_metrics(predictions)),
         "train": {"seconds": round(train_s, 2), "steps": info["steps"], "step_seconds": info.get("step_seconds"),
                   **{k: v for k, v in info.items() if k not in ("steps", "step_seconds")}},  # fmt: skip
