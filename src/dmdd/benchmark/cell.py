@@ -107,6 +107,26 @@ def _train_log(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def learning_curve(run: Path, records: list, cfg, device: torch.device) -> list[dict[str, Any]]:
+    """Test metrics of every snapshot the run kept (``train.snapshot_every``), with the step, the fit's elapsed
+    seconds at that step and the student seconds summed up to it (a measurement of the curve, not a choice of step:
+    the cell's result is its last checkpoint)."""
+    from dmdd.checkpoint import restore_model
+    from dmdd.evaluation import compute_metrics, predict_split
+
+    log = _train_log(run)
+    curve = []
+    for snap in sorted((run / "snapshots").glob("step_*.pt")):
+        net, payload = restore_model(snap, device)
+        step = int(payload["step"])
+        done = [e for e in log if int(e["step"]) <= step]
+        m = compute_metrics(predict_split(net, records, cfg, device))["overall"]
+        curve.append({"step": step, "elapsed_seconds": done[-1].get("elapsed") if done else None,
+                      "student_seconds": round(sum(float(e.get("student_seconds", 0.0)) for e in done), 2),
+                      **{k: m[k] for k in ("image_auroc", "pixel_auroc", "au_pro")}})  # fmt: skip
+    return curve
+
+
 def run_dmdd(data: Dataset, category: str, model: ModelSpec, budget: dict, seed: int, cell_dir: Path,
              device_name: str) -> dict[str, Any]:  # fmt: skip
     from dmdd.checkpoint import restore_model
@@ -135,8 +155,10 @@ def run_dmdd(data: Dataset, category: str, model: ModelSpec, budget: dict, seed:
     log = _train_log(run)
     steps = int(log[-1]["step"]) if log else 0
     student_s = sum(float(e.get("student_seconds", 0.0)) for e in log)
+    curve = learning_curve(run, cat.test, cfg, device) if cfg.train.snapshot_every else None
     return {
         "predictions": predictions,
+        **({"curve": curve} if curve else {}),
         "metrics": summarise_metrics(result),
         "train": {"seconds": round(sum(float(e["seconds"]) for e in log), 2), "fit_seconds": round(fit_s, 2),
                   "steps": steps, "epochs": len(log),

@@ -146,6 +146,23 @@ def speed_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curve_table(records: list[dict[str, Any]]) -> str:
+    """Learning curves of the cells that kept snapshots: P-AUROC / AU-PRO (I-AUROC below) at each snapshot step."""
+    records = [r for r in records if r.get("curve")]
+    steps = sorted({c["step"] for r in records for c in r["curve"]})
+    head = ["category", "model", "s/step", *[f"step {s}" for s in steps]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        at = {c["step"]: c for c in r["curve"]}
+        cells = [r["category"], r["model"], r["train"].get("step_seconds") or "-"]
+        for s in steps:
+            c = at.get(s)
+            cells.append("-" if c is None else f"{100 * c['pixel_auroc']:.2f} / {100 * c['au_pro']:.2f} "
+                                               f"({100 * c['image_auroc']:.1f})")  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def suite_markdown(records: list[dict[str, Any]]) -> str:
     """One quality table per dataset, then the speed table."""
     parts = []
@@ -206,18 +223,62 @@ def tiles_speed_table(data: dict[str, Any]) -> str:
 
 
 def normal_only_table(data: dict[str, Any]) -> str:
-    """benchmarks/thresholds.py, part 2: thresholds from a few held-out good images, measured on the test split."""
-    head = ["held-out good images", "threshold", "draws", "false alarms", "recall"]
+    """benchmarks/thresholds.py, part 2: thresholds from a few held-out good images, measured on the test split; one
+    row per hold-out size, dmdd's rule beside the maximum used before."""
+    head = ["held-out good images", "draws", "dmdd's threshold", "false alarms", "recall", "maximum: false alarms",
+            "recall"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_size: dict[int, dict[str, dict]] = {}
     for r in data["normal_only"]:
-        cells = [r["held_out"], r["method"], r["draws"], _mean_sd(r["fa"]), _mean_sd(r["recall"])]
+        by_size.setdefault(r["held_out"], {})["before" if r["method"].startswith("before") else "dmdd"] = r
+    for size, rows in by_size.items():
+        ours, before = rows["dmdd"], rows["before"]
+        cells = [size, ours["draws"], ours["method"].removeprefix("dmdd: "), _mean_sd(ours["fa"]),
+                 _mean_sd(ours["recall"]), _mean_sd(before["fa"]), _mean_sd(before["recall"])]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 
-RENDERERS = {"quality": quality_table, "speed": speed_table, "per_type": per_type_table}
+def serve_load_table(data: dict[str, Any]) -> str:
+    """benchmarks/serve_load.py's output in one row."""
+    head = ["clients", "server threads", "requests", "errors", "p50 ms", "p99 ms", "images/s", "server RSS MiB"]
+    cells = [data["clients"], data["server_threads"], data["requests"], data["errors"], f"{data['p50_ms']:.0f}",
+             f"{data['p99_ms']:.0f}", f"{data['throughput_per_s']:.1f}",
+             f"{data['server_rss_mib_after_warmup']:.0f} -> {data['server_rss_mib_end']:.0f}"]  # fmt: skip
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      "| " + " | ".join(map(str, cells)) + " |"]) + "\n"  # fmt: skip
+
+
+def _pct_or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def maps_table(data: dict[str, Any]) -> str:
+    """benchmarks/diagnose.py, part 1: pixel metrics of the model's fusion and of single maps and subsets."""
+    lines = ["| maps fused | P-AUROC | AU-PRO |", "|---|---|---|"]
+    for r in data["maps"]:
+        lines.append(f"| {r['variant']} | {_pct_or_dash(r['pixel_auroc'])} | {_pct_or_dash(r['au_pro'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def regions_table(data: dict[str, Any]) -> str:
+    """benchmarks/diagnose.py, part 2: per image region, where the pixels are and where each model's false alarms
+    fall at the threshold that flags 1 % of all good pixels."""
+    head = ["model", "region", "good pixels", "defect pixels", "P-AUROC inside", "share of false alarms",
+            "false-alarm rate", "defect pixels flagged"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in data["regions"]:
+        cells = [r["model"], r["region"], _pct_or_dash(r["good_pixel_share"]), _pct_or_dash(r["defect_pixel_share"]),
+                 _pct_or_dash(r["pixel_auroc"]), _pct_or_dash(r["false_alarm_share"]),
+                 _pct_or_dash(r["false_alarm_rate"]), _pct_or_dash(r["defect_recall"])]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {"quality": quality_table, "speed": speed_table, "per_type": per_type_table, "curve": curve_table}
 FILE_RENDERERS = {"json": json_table, "deploy": deploy_table, "labelled": labelled_table,
-                  "normal_only": normal_only_table, "tiles_speed": tiles_speed_table}  # fmt: skip
+                  "normal_only": normal_only_table, "tiles_speed": tiles_speed_table, "serve_load": serve_load_table,
+                  "maps": maps_table, "regions": regions_table}  # fmt: skip
 _BLOCK = re.compile(r"(<!-- benchmark: (\S+)(?: table=(\w+))? -->\n)(.*?)(<!-- /benchmark -->)", re.S)
 
 
