@@ -10,9 +10,11 @@
    AUROC inside the region, and at the threshold that flags 1 % of all good pixels, where those false alarms fall
    and how many defective pixels the region gets flagged.
 
-    python benchmarks/diagnose.py runs/benchmark/dev/tire/tire/dmdd-lite0-250steps-seed0 \
+Several dmdd cells (one per category) go into one file; a peer is matched to the dmdd cell of the same test images.
+
+    python benchmarks/diagnose.py runs/benchmark/dev/{tire/tire,magnetic_tile/magnetic_tile}/dmdd-lite0-250steps-seed0 \
         --peer patchcore-lite0=runs/benchmark/ladder/tire/tire/patchcore-lite0-default-seed0 \
-        --out docs/results/diagnose_tire.json
+        --out docs/results/diagnose.json
 """
 
 from __future__ import annotations
@@ -149,36 +151,40 @@ def per_region(name: str, predictions: Predictions, regions: np.ndarray) -> list
     return rows
 
 
+def diagnose_cell(cell: Path, peers: dict[str, Predictions], band: float) -> dict:
+    ckpt = cell / "run" / "last.pt"
+    model, payload = restore_model(ckpt)
+    cfg = config_of(payload, ckpt)
+    category = load_category(cfg.data.root, cfg.data.category, cfg.data.layout)
+    predictions, stacked, regional = capture_split(model, category.test, cfg, select_device("cpu"))
+    maps = per_map(model, predictions, stacked, regional, cfg.model.map_sigma)
+    regions = region_masks(predictions.paths, predictions.maps.shape[-1], cfg, band)
+    rows = per_region(cell.name, predictions, regions)
+    for name, theirs in peers.items():
+        if theirs.paths == predictions.paths and theirs.maps.shape == predictions.maps.shape:
+            rows += per_region(name, theirs, regions)
+    return {"category": cfg.data.category, "cell": str(cell), "maps": maps, "regions": rows}
+
+
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("cell", help="a finished dmdd benchmark cell folder (run/last.pt)")
+    p.add_argument("cells", nargs="+", help="finished dmdd benchmark cell folders (with run/last.pt)")
     p.add_argument("--peer", action="append", default=[], metavar="NAME=CELL", help="a cell with predictions.npz")
     p.add_argument("--band", type=float, default=0.04, help="edge band half-width, share of the image side")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cell = Path(args.cell)
-    ckpt = cell / "run" / "last.pt"
-    model, payload = restore_model(ckpt)
-    cfg = config_of(payload, ckpt)
-    device = select_device("cpu")
-    category = load_category(cfg.data.root, cfg.data.category, cfg.data.layout)
-    predictions, stacked, regional = capture_split(model, category.test, cfg, device)
-    maps = per_map(model, predictions, stacked, regional, cfg.model.map_sigma)
-    size = predictions.maps.shape[-1]
-    regions = region_masks(predictions.paths, size, cfg, args.band)
-    region_rows = per_region(cell.name, predictions, regions)
+    peers = {}
     for peer in args.peer:
         name, _, folder = peer.partition("=")
-        theirs = load_predictions(Path(folder) / PREDICTIONS)
-        if theirs.paths != predictions.paths or theirs.maps.shape[-1] != size:
-            raise SystemExit(f"{folder}: its predictions are not of the same test images at {size} px")
-        region_rows += per_region(name, theirs, regions)
+        peers[name] = load_predictions(Path(folder) / PREDICTIONS)
+    sets = [diagnose_cell(Path(cell), peers, args.band) for cell in args.cells]
+    matched = {r["model"] for s in sets for r in s["regions"]}
+    if set(peers) - matched:
+        raise SystemExit(f"no dmdd cell scored the same test images as {sorted(set(peers) - matched)}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = {"cell": str(cell), "category": cfg.data.category, "band": args.band, "git_commit": commit,
-           "maps": maps, "regions": region_rows}  # fmt: skip
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    Path(args.out).write_text(json.dumps({"band": args.band, "git_commit": commit, "sets": sets}, indent=1))
     print(f"wrote {args.out}")
 
 

@@ -324,3 +324,34 @@ def test_the_small_defect_driver_builds_its_category_and_times_a_tiled_model(tin
     from dmdd.benchmark.tables import tiles_speed_table
 
     assert f"| {ckpt.parent.parent.name} | 32 |" in tiles_speed_table({"rows": [row]})  # named after the cell
+
+
+def test_the_diagnosis_driver_splits_maps_and_regions_and_matches_the_cell(tmp_path, tiny_tree):
+    from dmdd.benchmark.tables import maps_table, regions_table
+
+    path = write_suite(tmp_path / "suite.yaml", tiny_tree)
+    record = run_suite(load_suite(path), progress=False)["cells"][0]
+    cell = cell_dir(tmp_path / "out", load_suite(path).cells()[0])
+    out = tmp_path / "diagnose.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "diagnose.py"), str(cell), "--peer",
+                           f"again={cell}", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result,) = json.loads(out.read_text())["sets"]
+    maps = {r["variant"]: r for r in result["maps"]}
+    # the fusion rebuilt from the captured maps scores what the cell scored
+    assert abs(maps["default (all maps)"]["pixel_auroc"] - record["metrics"]["pixel_auroc"]) < 1e-3
+    assert {"NGM s1 alone", "AIM s4 alone", "without stage 4", "NGM only", "smoothing sigma 0"} <= set(maps)
+    rows = result["regions"]
+    ours = [r for r in rows if r["model"] != "again"]
+    theirs = [r for r in rows if r["model"] == "again"]
+    # the three regions partition the pixels and the false alarms; the saved float16 maps give the same split
+    assert [r["region"] for r in ours] == ["background", "edge", "interior"]
+    assert abs(sum(r["good_pixel_share"] for r in ours) - 1) < 1e-9
+    assert abs(sum(r["defect_pixel_share"] for r in ours) - 1) < 1e-9
+    assert abs(sum(r["false_alarm_share"] for r in ours) - 1) < 1e-9
+    for a, b in zip(ours, theirs):
+        assert a["good_pixel_share"] == b["good_pixel_share"] and abs(a["false_alarm_share"] - b["false_alarm_share"]) < 0.05
+    assert maps_table({"sets": [result]}).splitlines()[0] == "| maps fused | metal |"
+    assert len(regions_table({"sets": [result]}).splitlines()) == 2 + sum(
+        1 for r in rows if r["good_pixel_share"] or r["defect_pixel_share"])

@@ -254,24 +254,33 @@ def _pct_or_dash(value: float | None) -> str:
 
 
 def maps_table(data: dict[str, Any]) -> str:
-    """benchmarks/diagnose.py, part 1: pixel metrics of the model's fusion and of single maps and subsets."""
-    lines = ["| maps fused | P-AUROC | AU-PRO |", "|---|---|---|"]
-    for r in data["maps"]:
-        lines.append(f"| {r['variant']} | {_pct_or_dash(r['pixel_auroc'])} | {_pct_or_dash(r['au_pro'])} |")
+    """benchmarks/diagnose.py, part 1: P-AUROC / AU-PRO of the model's fusion and of single maps and subsets, one
+    column per category."""
+    sets = data["sets"]
+    lines = ["| maps fused | " + " | ".join(s["category"] for s in sets) + " |", "|---|" + "---|" * len(sets)]
+    by_set = [{r["variant"]: r for r in s["maps"]} for s in sets]
+    for variant in dict.fromkeys(v for rows in by_set for v in rows):
+        cells = [f"{_pct_or_dash(rows[variant]['pixel_auroc'])} / {_pct_or_dash(rows[variant]['au_pro'])}"
+                 if variant in rows else "-" for rows in by_set]  # fmt: skip
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def regions_table(data: dict[str, Any]) -> str:
     """benchmarks/diagnose.py, part 2: per image region, where the pixels are and where each model's false alarms
-    fall at the threshold that flags 1 % of all good pixels."""
-    head = ["model", "region", "good pixels", "defect pixels", "P-AUROC inside", "share of false alarms",
-            "false-alarm rate", "defect pixels flagged"]  # fmt: skip
+    fall at the threshold that flags 1 % of all good pixels (regions without pixels left out)."""
+    head = ["category", "model", "region", "good pixels", "defect pixels", "P-AUROC inside",
+            "share of false alarms", "false-alarm rate", "defect pixels flagged"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in data["regions"]:
-        cells = [r["model"], r["region"], _pct_or_dash(r["good_pixel_share"]), _pct_or_dash(r["defect_pixel_share"]),
-                 _pct_or_dash(r["pixel_auroc"]), _pct_or_dash(r["false_alarm_share"]),
-                 _pct_or_dash(r["false_alarm_rate"]), _pct_or_dash(r["defect_recall"])]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
+    for s in data["sets"]:
+        for r in s["regions"]:
+            if not r["good_pixel_share"] and not r["defect_pixel_share"]:
+                continue
+            cells = [s["category"], r["model"], r["region"], _pct_or_dash(r["good_pixel_share"]),
+                     _pct_or_dash(r["defect_pixel_share"]), _pct_or_dash(r["pixel_auroc"]),
+                     _pct_or_dash(r["false_alarm_share"]), _pct_or_dash(r["false_alarm_rate"]),
+                     _pct_or_dash(r["defect_recall"])]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
