@@ -103,9 +103,9 @@ def per_map(model, predictions, stacked, regional, sigma: float) -> list[dict]:
         idx = [i for i, n in enumerate(names) if n.startswith(branch)]
         if idx and len(idx) < len(names):
             variants[f"{branch} only"] = (idx, True, sigma)
-    for i, n in enumerate(names):
-        variants[f"{n} alone"] = ([i], False, sigma)
-    for other in (0.0, sigma / 2, sigma * 2):
+    for s, idx in by_stage.items():
+        variants[f"stage {s} alone"] = (idx, False, sigma)
+    for other in (0.0, sigma * 2):
         variants[f"smoothing sigma {other:g}"] = (every, True, other)
     rows = []
     for label, (keep, with_regional, s) in variants.items():

@@ -202,6 +202,26 @@ def test_the_results_page_is_regenerated_from_its_records_and_a_stale_page_is_ca
     assert render_page(page, check=True) == []
 
 
+def test_a_block_over_several_files_pools_records_and_stacks_driver_tables(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"cells": [_record("bottle", "m", 0, 0.8)]}))
+    (tmp_path / "b.json").write_text(json.dumps({"cells": [_record("cable", "m", 0, 0.6)]}))
+    load = {"clients": 1, "server_threads": 2, "requests": 10, "errors": 0, "p50_ms": 5.0, "p99_ms": 9.0,
+            "throughput_per_s": 3.0, "server_rss_mib_after_warmup": 100.0, "server_rss_mib_end": 101.0}  # fmt: skip
+    (tmp_path / "x.json").write_text(json.dumps({**load, "category": "tire"}))
+    (tmp_path / "y.json").write_text(json.dumps({**load, "requests": 20}))
+    page = tmp_path / "results.md"
+    page.write_text("<!-- benchmark: a.json,b.json table=quality -->\n<!-- /benchmark -->\n"
+                    "<!-- benchmark: x.json,y.json table=serve_load -->\n<!-- /benchmark -->\n")
+    render_page(page)
+    text = page.read_text()
+    # records pooled: one table with both categories and their mean (80 and 60 -> 70)
+    assert "| bottle | m | default | 80.00 |" in text and "| cable | m | default | 60.00 |" in text
+    assert "| **mean** | m | default | 70.00 |" in text
+    # driver tables stacked under one header, each row named by its file's category (else the file name)
+    assert "| set | clients | server threads | requests |" in text
+    assert "| tire | 1 | 2 | 10 |" in text and "| y | 1 | 2 | 20 |" in text
+
+
 def test_the_committed_results_page_matches_its_records():
     # every generated table of docs/results.md and README.md equals what its committed records give today
     assert render_page(REPO / "docs" / "results.md", check=True) == []
@@ -341,7 +361,7 @@ def test_the_diagnosis_driver_splits_maps_and_regions_and_matches_the_cell(tmp_p
     maps = {r["variant"]: r for r in result["maps"]}
     # the fusion rebuilt from the captured maps scores what the cell scored
     assert abs(maps["default (all maps)"]["pixel_auroc"] - record["metrics"]["pixel_auroc"]) < 1e-3
-    assert {"NGM s1 alone", "AIM s4 alone", "without stage 4", "NGM only", "smoothing sigma 0"} <= set(maps)
+    assert {"stage 1 alone", "stage 4 alone", "without stage 4", "NGM only", "smoothing sigma 0"} <= set(maps)
     rows = result["regions"]
     ours = [r for r in rows if r["model"] != "again"]
     theirs = [r for r in rows if r["model"] == "again"]

@@ -291,15 +291,31 @@ FILE_RENDERERS = {"json": json_table, "deploy": deploy_table, "labelled": labell
 _BLOCK = re.compile(r"(<!-- benchmark: (\S+)(?: table=(\w+))? -->\n)(.*?)(<!-- /benchmark -->)", re.S)
 
 
-def render_block(source: Path, kind: str) -> str:
+def _load(source: Path) -> dict[str, Any]:
     if not source.is_file():
         raise ConfigError(f"results file not found: {source} (named by a '<!-- benchmark: ... -->' block)")
-    data = json.loads(source.read_text())
-    if kind in FILE_RENDERERS:
-        return FILE_RENDERERS[kind](data)
-    if kind not in RENDERERS:
-        raise ConfigError(f"unknown table kind {kind!r} for {source}; known: {sorted(RENDERERS | FILE_RENDERERS)}")
-    return RENDERERS[kind](data["cells"])
+    return json.loads(source.read_text())
+
+
+def render_block(sources: Path | list[Path], kind: str) -> str:
+    """The table of one block. Several files (``a.json,b.json`` in the block): suite records are pooled into one
+    table; a driver's tables are stacked under one header with a first column naming each file's category."""
+    sources = [sources] if isinstance(sources, Path) else sources
+    if kind not in FILE_RENDERERS and kind not in RENDERERS:
+        known = sorted(RENDERERS | FILE_RENDERERS)
+        raise ConfigError(f"unknown table kind {kind!r} for {', '.join(map(str, sources))}; known: {known}")
+    data = [_load(source) for source in sources]
+    if kind in RENDERERS:
+        return RENDERERS[kind]([cell for d in data for cell in d["cells"]])
+    if len(data) == 1:
+        return FILE_RENDERERS[kind](data[0])
+    lines: list[str] = []
+    for source, d in zip(sources, data):
+        head, sep, *rows = FILE_RENDERERS[kind](d).splitlines()
+        if not lines:
+            lines = ["| set " + head, "|---" + sep]
+        lines += [f"| {d.get('category', source.stem)} " + row for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def render_page(page: Path, check: bool = False) -> list[str]:
@@ -310,7 +326,7 @@ def render_page(page: Path, check: bool = False) -> list[str]:
 
     def sub(match: re.Match) -> str:
         source, kind = match.group(2), match.group(3) or "quality"
-        body = render_block(page.parent / source, kind)
+        body = render_block([page.parent / name for name in source.split(",")], kind)
         if body != match.group(4):
             changed.append(f"{source} table={kind}")
         return match.group(1) + body + match.group(5)
