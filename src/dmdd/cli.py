@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training length in student optimiser steps (last epoch may be partial)")
     p.add_argument("--minutes", type=float,
                    help="training length as a wall-clock budget (setup and final calibration included); the steps "
-                        "are re-planned after every epoch from the measured speed")  # fmt: skip
+                        "are re-planned after every epoch (and every step) from the measured speed")  # fmt: skip
     p.add_argument("--snapshot-every", type=int, help="keep a model copy every N steps in <out>/snapshots")
     p.add_argument("--ema-decay", type=float,
                    help="maps from an exponential moving average of the student weights (default 0.99; 0: the "

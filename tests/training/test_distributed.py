@@ -40,6 +40,22 @@ def test_two_process_gloo_training_produces_a_loadable_checkpoint(tiny_tree, tmp
     assert torch.isfinite(result.anomaly_map).all()
 
 
+def test_a_two_process_minutes_budget_ends_on_the_same_step_everywhere(tiny_tree, tmp_path):
+    # each rank times its own steps; rank 0's plan is broadcast, so both stop at the same step and the run ends
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), "-m", "dmdd.cli", "train", "--data", str(tiny_tree),
+        "--backbone", "efficientnet_lite0", "--image-size", "64", "--minutes", "0.4", "--batch-size", "2",
+        "--no-progress", "--out", str(out),
+    ]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) >= 2 and log[-1]["step"] == log[-1]["total_steps"] and log[-1]["elapsed"] <= 0.4 * 60
+    assert restore_model(out / "last.pt")[1]["step"] == log[-1]["step"]
+
+
 def test_a_two_process_gradient_step_equals_one_process_on_the_same_pairs(tmp_path):
     """Each process takes 3 of 6 pairs (tests/training/ddp_worker.py); DDP averages the gradients of exactly the parameters
     each objective trains. One process reproduces that bit for bit from the two halves (the mean of two float32

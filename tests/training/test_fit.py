@@ -282,12 +282,48 @@ def test_minutes_budget_replans_as_the_step_time_settles_and_ends_within_it(tiny
     history = payload["history"]
     # epoch 1: 10 s setup + 3 x 15 s + 3 s = 58 s; 90 - 58 - 6 (calibration: a good and a synthetic input per
     # held-out image, 4, at the statistics pass's 1.5 s per image) leaves 26 s,
-    # one more step at 15 s + 3 s. Epoch 2 measures 5 s a step: 90 - 66 - 6 = 18 s hold 3 steps and an epoch's 3 s.
-    assert [e["step"] for e in history] == [3, 4, 7] and [e["total_steps"] for e in history] == [4, 7, 7]
-    assert [e["elapsed"] for e in history] == [58.0, 66.0, 84.0]
+    # one more step at 15 s + 3 s. In epoch 2 the first step takes 5 s: re-planned inside the epoch, 90 - 63 - 6 =
+    # 21 s hold 3 steps (2 in this epoch, one in the next) and two epochs' 3 s.
+    assert [e["step"] for e in history] == [3, 6, 7] and [e["total_steps"] for e in history] == [4, 7, 7]
+    assert [e["elapsed"] for e in history] == [58.0, 76.0, 84.0]
     assert payload["step"] == clock.steps == 7
     assert clock.now - start == 90.0  # 84 s of training and 6 s of calibration: the budget, to the second
     assert engine.planned_steps(tiny_config(tiny_tree, minutes=5.0), 4) == 0
+
+
+def test_minutes_budget_replans_inside_an_epoch_when_steps_slow_down(tiny_tree, tmp_path):
+    """6 steps an epoch; steps take 5 s until the machine gets busy at step 10 (30 s each); 3 s of statistics per
+    epoch, 6 s of calibration, a 120 s budget. Planned only at epoch ends, epoch 2 would run all 6 steps (15 + 90 s)
+    and the run would end after 147 s, 22 % over; re-planned after every step it stops after step 11 and ends at
+    117 s."""
+    from dmdd.training import loop as engine
+
+    clock = FakeClock()
+    real_loss, real_stats, real_calibrate = objective.student_loss, engine.fit_map_statistics, engine.calibrate
+
+    def timed(real, cost):
+        def run(*args, **kwargs):
+            clock.now += cost() if callable(cost) else cost
+            return real(*args, **kwargs)
+
+        return run
+
+    def step_cost():
+        clock.steps += 1
+        return 5.0 if clock.steps <= 9 else 30.0
+
+    cfg = tiny_config(tiny_tree, minutes=2.0, batch_size=1)  # 6 training images: 6 steps an epoch
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(objective, "student_loss", timed(real_loss, step_cost))
+        mp.setattr(engine, "fit_map_statistics", timed(real_stats, 3.0))
+        mp.setattr(engine, "calibrate", timed(real_calibrate, 6.0))
+        start = clock.now
+        payload = load_checkpoint(fit(cfg, tmp_path / "m", progress=False, clock=clock))
+    # epoch 1: 30 s + 3 s, plan 20 steps; after step 10 (78 s, 11.25 s a step this epoch) 2 more fit; after step 11
+    # (108 s, 15 s a step) none: the epoch ends, 111 s, and calibration brings the run to 117 s
+    assert [e["step"] for e in payload["history"]] == [6, 11] and payload["step"] == clock.steps == 11
+    assert [e["elapsed"] for e in payload["history"]] == [33.0, 111.0]
+    assert clock.now - start == 117.0
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -301,6 +337,12 @@ def test_steps_for_budget_is_the_most_steps_that_fit(seed):
         left = budget - elapsed - reserve
         fits = [n for n in range(2000) if n * step + math.ceil(n / per_epoch) * overhead <= left]
         assert steps_for_budget(budget, elapsed, step, overhead, per_epoch, done, reserve) == done + max(fits, default=0)
+        # inside an epoch with `rest` steps left: its own overhead is due, steps past `rest` start new epochs
+        rest = int(rng.integers(0, per_epoch))
+        fits = [n for n in range(2000)
+                if n * step + overhead + sum(1 for k in range(rest, n) if (k - rest) % per_epoch == 0) * overhead <= left]
+        inside = steps_for_budget(budget, elapsed, step, overhead, per_epoch, done, reserve, left_in_epoch=rest)
+        assert inside == done + max(fits, default=0)
 
 
 def test_learning_rate_schedule(tiny_tree):

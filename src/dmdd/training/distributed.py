@@ -36,6 +36,15 @@ class DistContext:
         if self.active:
             dist.barrier()
 
+    def from_main(self, value: int, device: torch.device) -> int:
+        """Rank 0's ``value`` on every rank: a decision taken from a rank's own clock (a ``--minutes`` plan) must be
+        the same everywhere, or the ranks would stop at different steps and wait for each other for ever."""
+        if not self.active:
+            return value
+        shared = torch.tensor([value], dtype=torch.long, device=device)
+        dist.broadcast(shared, 0)
+        return int(shared.item())
+
 
 def init_distributed() -> DistContext:
     """Join the process group described by torchrun's environment (``WORLD_SIZE`` > 1), else a single process."""

@@ -72,20 +72,25 @@ def planned_steps(cfg: Config, steps_per_epoch: int) -> int:
 
 
 def steps_for_budget(budget: float, elapsed: float, step_seconds: float, epoch_overhead: float,
-                     steps_per_epoch: int, done: int, reserve: float) -> int:  # fmt: skip
+                     steps_per_epoch: int, done: int, reserve: float, left_in_epoch: int | None = None) -> int:  # fmt: skip
     """The total student steps that end a ``train.minutes`` run within its budget.
 
     Args:
         budget: the run's seconds; elapsed: seconds spent so far (setup, epochs, earlier sessions).
-        step_seconds: one student step, as the last epoch measured it.
+        step_seconds: one student step, as measured so far.
         epoch_overhead: what each started epoch adds besides its steps (map statistics, MSN phase, checkpoint).
         steps_per_epoch, done: the epoch's length and the steps already taken.
         reserve: seconds kept for the end of the run (the final calibration and its checkpoint).
+        left_in_epoch: ``None`` at an epoch's end; inside an epoch, the steps it has left: the epoch's own
+            overhead is still to come, and only steps beyond it start new epochs.
     """
     left = budget - elapsed - reserve
 
     def cost(n: int) -> float:
-        return n * step_seconds + math.ceil(n / steps_per_epoch) * epoch_overhead
+        if left_in_epoch is None:
+            return n * step_seconds + math.ceil(n / steps_per_epoch) * epoch_overhead
+        later = max(0, n - left_in_epoch)
+        return n * step_seconds + epoch_overhead + math.ceil(later / steps_per_epoch) * epoch_overhead
 
     n = max(0, int(left / max(step_seconds + epoch_overhead / steps_per_epoch, 1e-9)))
     while n > 0 and cost(n) > left:
@@ -160,12 +165,13 @@ class StepLog(list):
 
 
 def train_student_epoch(objective, batches, steps_per_epoch, optimizer, cfg, device, epoch, bar, ctx, state,
-                        average=None, guard=None, step_log=None) -> dict:  # fmt: skip
+                        average=None, guard=None, step_log=None, replan=None) -> dict:  # fmt: skip
     """One epoch (``steps_per_epoch`` batches from the iterator ``batches``, or what is left of the step budget)
     training student, 1x1 convs and PMN with L_NGM + L_AIM; advances ``state.step`` and folds every step into
     ``average`` (a ``WeightAverage``) if given. ``guard`` (a ``SpikeGuard``) clips out-of-date updates and keeps
     outlying-loss steps out of the average. ``step_log`` (a list, with a ``names`` attribute: parameter id -> name)
-    receives one record per step (``train.step_log``)."""
+    receives one record per step (``train.step_log``). ``replan(steps)``, called after each step with the steps
+    taken in this epoch, may move ``state.total_steps`` (a minutes budget)."""
     sums = {"ngm": 0.0, "aim": 0.0}
     steps = 0
     base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
@@ -200,6 +206,8 @@ def train_student_epoch(objective, batches, steps_per_epoch, optimizer, cfg, dev
             optimizer.state.clear()  # Adam's moments are out of date after a spike; they restart with the weights
         steps += 1
         state.step += 1
+        if replan is not None:
+            replan(steps)
         sums["ngm"] += float(ngm.detach())
         sums["aim"] += float(aim.detach())
         bar.update(1)
@@ -376,11 +384,24 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     try:
         with _graceful_signals():
             epoch = state.epoch
+            measured: dict[str, float] = {}  # a minutes run's epoch overhead and final reserve, once measured
+
+            def replan(taken: int) -> None:
+                """Inside an epoch, re-plan from this epoch's step time (one process only: every DDP rank must stop
+                at the same step, which the epoch-end plan gives them); before the first epoch has measured its
+                overhead, only stop when the next step would not fit at all."""
+                now = clock()
+                state.total_steps = steps_for_budget(
+                    cfg.train.minutes * 60, spent_before + now - run_start, (now - start) / taken,
+                    measured.get("overhead", 0.0), student_steps, state.step, measured.get("reserve", 0.0),
+                    left_in_epoch=student_steps - taken)  # fmt: skip
+
             while not state.total_steps or state.step < state.total_steps:
                 start, first_step = clock(), state.step
                 steps_logged = StepLog(model) if cfg.train.step_log and ctx.is_main else None
                 log = train_student_epoch(student_obj, batches, student_steps, student_opt, cfg, device, epoch, bar,
-                                          ctx, state, average, guard, steps_logged)  # fmt: skip
+                                          ctx, state, average, guard, steps_logged,
+                                          replan if cfg.train.minutes and not ctx.active else None)  # fmt: skip
                 log["student_seconds"] = round(clock() - start, 2)
                 with _weights_for_maps(average, guard) as extra:  # statistics, head and files: the map weights
                     stats_start = clock()
@@ -394,10 +415,11 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
                     seconds = clock() - start
                     elapsed = spent_before + clock() - run_start
                     if cfg.train.minutes and state.step > first_step:  # re-planned after every epoch, as speed settles
-                        state.total_steps = steps_for_budget(
+                        measured["overhead"] = seconds - log["student_seconds"] + save_seconds
+                        measured["reserve"] = stats_seconds / max(1, len(stats_images)) * forwards + save_seconds
+                        state.total_steps = ctx.from_main(steps_for_budget(
                             cfg.train.minutes * 60, elapsed, log["student_seconds"] / (state.step - first_step),
-                            seconds - log["student_seconds"] + save_seconds, student_steps, state.step,
-                            reserve=stats_seconds / max(1, len(stats_images)) * forwards + save_seconds)
+                            measured["overhead"], student_steps, state.step, reserve=measured["reserve"]), device)
                         bar.total = bar.n + (student_steps + seg_steps) * math.ceil(
                             (state.total_steps - state.step) / student_steps
                         )
