@@ -19,6 +19,7 @@ Several dmdd cells (one per category) go into one file; a peer is matched to the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -71,13 +72,17 @@ def capture_split(model, records, cfg, device) -> tuple[Predictions, torch.Tenso
 
 
 def fuse_subset(model, stacked: torch.Tensor, regional: torch.Tensor | None, keep: list[int], sigma: float,
-                size: int) -> np.ndarray:  # fmt: skip
+                size: int, support: bool = True) -> np.ndarray:  # fmt: skip
+    """The model's fusion of the maps ``keep``: sum, regional map, smoothing, foreground support (where fitted and
+    ``support``), at the evaluation size."""
     out = []
     for start in range(0, len(stacked), 16):
         m = stacked[start : start + 16, keep].sum(1, keepdim=True)
         if regional is not None:
             m = model.regional.combine(m, regional[start : start + 16])
         m = gaussian_blur(m, sigma) if sigma > 0 else m
+        if support and model.support is not None:
+            m = model.support(m)
         if m.shape[-1] != size:
             m = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)
         out.append(m[:, 0].numpy())
@@ -90,32 +95,38 @@ def pixel_metrics(predictions: Predictions, maps: np.ndarray) -> dict[str, float
     return {"pixel_auroc": auroc(masks.ravel(), maps.ravel()), "au_pro": au_pro(masks, maps)}
 
 
-def per_map(model, predictions, stacked, regional, sigma: float) -> list[dict]:
+def per_map(model, predictions, stacked, regional, sigma: float) -> tuple[list[dict], np.ndarray | None]:
+    """Rows of pixel metrics per fusion variant, and the maps without the foreground support (None without one)."""
     names, size = map_names(model), predictions.maps.shape[-1]
     every = list(range(len(names)))
     by_stage = {s: [i for i, n in enumerate(names) if n.endswith(f"s{s}")] for s in model.cfg.map_stages}
-    variants: dict[str, tuple[list[int], bool, float]] = {"default (all maps)": (every, True, sigma)}
+    # label -> (maps kept, with the regional map, smoothing sigma, with the foreground support)
+    variants: dict[str, tuple[list[int], bool, float, bool]] = {"default (all maps)": (every, True, sigma, True)}
+    if model.support is not None:
+        variants["without the foreground support"] = (every, True, sigma, False)
     if regional is not None:
-        variants["without the regional map"] = (every, False, sigma)
+        variants["without the regional map"] = (every, False, sigma, True)
     for s, idx in by_stage.items():
-        variants[f"without stage {s}"] = ([i for i in every if i not in idx], True, sigma)
+        variants[f"without stage {s}"] = ([i for i in every if i not in idx], True, sigma, True)
     for branch in ("NGM", "AIM"):
         idx = [i for i, n in enumerate(names) if n.startswith(branch)]
         if idx and len(idx) < len(names):
-            variants[f"{branch} only"] = (idx, True, sigma)
+            variants[f"{branch} only"] = (idx, True, sigma, True)
     for s, idx in by_stage.items():
-        variants[f"stage {s} alone"] = (idx, False, sigma)
+        variants[f"stage {s} alone"] = (idx, False, sigma, True)
     for other in (0.0, sigma * 2):
-        variants[f"smoothing sigma {other:g}"] = (every, True, other)
-    rows = []
-    for label, (keep, with_regional, s) in variants.items():
-        maps = fuse_subset(model, stacked, regional if with_regional else None, keep, s, size)
+        variants[f"smoothing sigma {other:g}"] = (every, True, other, True)
+    rows, unsupported = [], None
+    for label, (keep, with_regional, s, with_support) in variants.items():
+        maps = fuse_subset(model, stacked, regional if with_regional else None, keep, s, size, with_support)
         if label.startswith("default"):  # the capture reproduces the model's own maps
             assert np.allclose(maps, predictions.maps, atol=1e-3 * float(np.abs(maps).max())), "capture mismatch"
+        if label == "without the foreground support":
+            unsupported = maps
         rows.append({"variant": label, **pixel_metrics(predictions, maps)})
         print(f"{label:32s} P-AUROC {100 * rows[-1]['pixel_auroc']:.2f}  AU-PRO {100 * rows[-1]['au_pro']:.2f}",
               flush=True)  # fmt: skip
-    return rows
+    return rows, unsupported
 
 
 def region_masks(paths: list[str], size: int, cfg, band: float) -> np.ndarray:
@@ -157,9 +168,12 @@ def diagnose_cell(cell: Path, peers: dict[str, Predictions], band: float) -> dic
     cfg = config_of(payload, ckpt)
     category = load_category(cfg.data.root, cfg.data.category, cfg.data.layout)
     predictions, stacked, regional = capture_split(model, category.test, cfg, select_device("cpu"))
-    maps = per_map(model, predictions, stacked, regional, cfg.model.map_sigma)
+    maps, unsupported = per_map(model, predictions, stacked, regional, cfg.model.map_sigma)
     regions = region_masks(predictions.paths, predictions.maps.shape[-1], cfg, band)
     rows = per_region(cell.name, predictions, regions)
+    if unsupported is not None:
+        rows += per_region(f"{cell.name} without the support", dataclasses.replace(predictions, maps=unsupported),
+                           regions)  # fmt: skip
     for name, theirs in peers.items():
         if theirs.paths == predictions.paths and theirs.maps.shape == predictions.maps.shape:
             rows += per_region(name, theirs, regions)

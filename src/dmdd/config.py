@@ -106,6 +106,10 @@ class ModelConfig:
             :mod:`dmdd.models.regional`): ``auto`` (default) turns it on when the synthesis' foreground policy finds
             a texture and off for objects (the resolved value is what the checkpoint stores), ``on``, or ``off``
             (the paper's maps alone). Deviation, docs/deviations.md.
+        foreground_support: multiply the anomaly map by where the object can be: the union of the training
+            images' foreground masks, dilated and smoothed (:mod:`dmdd.models.support`). ``auto`` (default) turns it
+            on for objects (the synthesis' foreground policy) without tiles and off otherwise (the checkpoint stores
+            the resolved value), ``on`` (objects only), or ``off`` (the paper's map). Deviation, docs/deviations.md.
         student_bn_frozen: keep the student's BatchNorm statistics at their pretrained values
             (affine parameters still train). *(chosen)*: keeps student = teacher at initialisation,
             is robust to small batches and needs no SyncBatchNorm under DDP.
@@ -140,6 +144,7 @@ class ModelConfig:
     global_score: str = "mean"
     global_stages: tuple[int, ...] = (2, 3, 4)
     regional_score: str = "auto"
+    foreground_support: str = "auto"
     student_bn_frozen: bool = True
     map_normalization: bool = True
     msn_residual: bool = True
@@ -171,6 +176,10 @@ class ModelConfig:
             raise ConfigError(f"model.global_score must be off|mean|mean_std, got {self.global_score!r}")
         if self.regional_score not in ("auto", "on", "off"):
             raise ConfigError(f"model.regional_score must be auto|on|off, got {self.regional_score!r}")
+        if self.foreground_support not in ("auto", "on", "off"):
+            raise ConfigError(f"model.foreground_support must be auto|on|off, got {self.foreground_support!r}")
+        if self.foreground_support == "on" and self.tile:
+            raise ConfigError("model.foreground_support: on needs whole images; with tiles (model.tile) use auto or off")
         if self.top_k < 1 or self.seg_channels < 1:
             raise ConfigError("model.top_k and model.seg_channels must be >= 1")
 

@@ -35,8 +35,9 @@ def set_aside_other_model(out: Path, cfg: Config) -> Path | None:
     if not ckpt.is_file():
         return None
     stored, wanted = load_checkpoint(ckpt)["config"]["model"], cfg.to_dict()["model"]
-    if wanted["regional_score"] == "auto":  # the run stores it resolved by the data (the same data here)
-        wanted["regional_score"] = stored.get("regional_score", "auto")
+    for key in ("regional_score", "foreground_support"):  # the run stores them resolved by the (same) data
+        if wanted[key] == "auto":
+            wanted[key] = stored.get(key, "auto")
     if stored == wanted:
         return None
     aside = ckpt.with_name("last.previous.pt")

@@ -15,6 +15,7 @@ from dmdd.models.losses import cosine_distance
 from dmdd.models.regional import RegionalGaussian
 from dmdd.models.segmentation import SegmentationHead, gaussian_blur, pyramid_upsample, top_k_score
 from dmdd.models.student import DecoupledStudent, PyramidModelingNetwork
+from dmdd.models.support import ForegroundSupport
 
 
 class InferenceOutput(NamedTuple):
@@ -89,6 +90,8 @@ class DMDD(nn.Module):
             self.global_score = FeatureGaussian(backbone.channels, cfg.global_score, cfg.global_stages)
         # Regional texture-statistics map (fitted by dmdd.evaluation.fit_regional_score; the engine resolves "auto").
         self.regional = RegionalGaussian(backbone.channels) if cfg.regional_score != "off" else None
+        # Where the object can be (fitted by the engine from the training foregrounds; "auto" is resolved there).
+        self.support = ForegroundSupport(cfg.image_size) if cfg.foreground_support == "on" else None
         self.train()
 
     def train(self, mode: bool = True) -> DMDD:
@@ -167,7 +170,8 @@ class DMDD(nn.Module):
 
     def fused_map(self, stacked: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Eval-mode fusion of the (B, K, S, S) stacked maps into the (B, 1, S, S) anomaly map; with the teacher
-        features and ``cfg.regional_score`` fitted, plus the regional map (:mod:`dmdd.models.regional`)."""
+        features and ``cfg.regional_score`` fitted, plus the regional map (:mod:`dmdd.models.regional`); with
+        ``cfg.foreground_support`` on, times the support (:mod:`dmdd.models.support`)."""
         if self.segmentation is None:
             anomaly_map = stacked.sum(dim=1, keepdim=True)  # "w/o MSN"
         else:
@@ -177,7 +181,8 @@ class DMDD(nn.Module):
             # equals summing the two smoothed maps standardised by their (smoothed) pixel statistics; two separate
             # smoothings added up were miscompiled by OpenVINO 2026.4 (it returned one of the two addends)
             anomaly_map = self.regional.combine(anomaly_map, self.regional.raw_map(teacher, anomaly_map.shape[-2:]))
-        return self.smooth(anomaly_map)
+        anomaly_map = self.smooth(anomaly_map)
+        return self.support(anomaly_map) if self.support is not None else anomaly_map
 
     def fuse(self, stacked: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> InferenceOutput:
         """Eval-mode anomaly map (:meth:`fused_map`) and image score; with the teacher features and

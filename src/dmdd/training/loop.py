@@ -30,7 +30,7 @@ from dmdd.data.order import EpochBatches
 from dmdd.data.synthesis import AnomalySynthesizer
 from dmdd.data.tiles import TileSpec
 from dmdd.device import select_device
-from dmdd.errors import DmddError, TrainingDivergedError
+from dmdd.errors import ConfigError, DmddError, TrainingDivergedError
 from dmdd.evaluation import calibrate, fit_global_score, fit_map_statistics, fit_regional_score, preload_images
 from dmdd.evaluation.predictions import preload_tiles
 from dmdd.evaluation.thresholds import calibration_forwards, calibration_pairs
@@ -316,11 +316,18 @@ def fit(
 
 
 def resolve_regional_score(cfg: Config, policy: str) -> Config:
-    """``model.regional_score: auto`` becomes ``on`` for a texture (the synthesis' foreground ``policy``) and
-    ``off`` for an object; the checkpoint stores the resolved value, so a resumed run matches it."""
-    if cfg.model.regional_score != "auto":
-        return cfg
-    return cfg.replace(model={"regional_score": "on" if policy == "texture" else "off"})
+    """The ``auto`` parts that follow the synthesis' foreground ``policy``: ``model.regional_score`` becomes ``on``
+    for a texture and ``off`` for an object, ``model.foreground_support`` ``on`` for an object on whole images and
+    ``off`` otherwise; the checkpoint stores the resolved values, so a resumed run matches them."""
+    if cfg.model.foreground_support == "on" and policy != "object":
+        raise ConfigError(f"model.foreground_support: on needs an object, but the foreground policy is {policy!r} "
+                          "(set synthesis.foreground: object, or model.foreground_support: auto)")  # fmt: skip
+    resolved = {}
+    if cfg.model.regional_score == "auto":
+        resolved["regional_score"] = "on" if policy == "texture" else "off"
+    if cfg.model.foreground_support == "auto":
+        resolved["foreground_support"] = "on" if policy == "object" and not cfg.model.tile else "off"
+    return cfg.replace(model=resolved) if resolved else cfg
 
 
 def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progress: bool, ctx: DistContext,
@@ -374,6 +381,8 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
         fit_global_score(model, fitted_on, cfg, device)
     if model.regional is not None and not model.regional.gaussian_fitted:
         fit_regional_score(model, fitted_on, cfg, device)
+    if model.support is not None and not model.support.fitted:  # where the training parts' foregrounds lie
+        model.support.fit(np.stack(pairs.masks))
     calibration, forwards = None, 0
     if ctx.is_main:  # decoded and foregrounds found now, so a --minutes budget can reserve just the model's time
         calibration = calibration_pairs(holdout or train_records, cfg)
