@@ -147,18 +147,25 @@ def speed_table(records: list[dict[str, Any]]) -> str:
 
 
 def curve_table(records: list[dict[str, Any]]) -> str:
-    """Learning curves of the cells that kept snapshots: P-AUROC / AU-PRO (I-AUROC below) at each snapshot step."""
+    """Learning curves of the cells that kept snapshots: P-AUROC / AU-PRO (I-AUROC) at the first snapshot at or
+    after each multiple of ``train.snapshot_every`` (snapshots come at epoch ends, so the step, after ``@``, may
+    pass the mark)."""
     records = [r for r in records if r.get("curve")]
-    steps = sorted({c["step"] for r in records for c in r["curve"]})
-    head = ["category", "model", "s/step", *[f"step {s}" for s in steps]]
+
+    def mark(r: dict[str, Any], step: int) -> int:
+        every = int(r["config"]["train"].get("snapshot_every") or 1)
+        return step // every * every
+
+    marks = sorted({mark(r, c["step"]) for r in records for c in r["curve"]})
+    head = ["category", "model", "s/step", *[f"step {m}" for m in marks]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
-        at = {c["step"]: c for c in r["curve"]}
+        at = {mark(r, c["step"]): c for c in r["curve"]}
         cells = [r["category"], r["model"], r["train"].get("step_seconds") or "-"]
-        for s in steps:
-            c = at.get(s)
+        for m in marks:
+            c = at.get(m)
             cells.append("-" if c is None else f"{100 * c['pixel_auroc']:.2f} / {100 * c['au_pro']:.2f} "
-                                               f"({100 * c['image_auroc']:.1f})")  # fmt: skip
+                         f"({100 * c['image_auroc']:.1f})" + (f" @{c['step']}" if c["step"] != m else ""))  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
