@@ -190,6 +190,18 @@ def test_quality_table_means_over_seeds_then_categories_and_shows_the_papers_row
     assert csv_text(records).count("\n") == 4
 
 
+def test_backbones_table_puts_models_with_the_same_backbone_side_by_side():
+    from dmdd.benchmark.tables import backbones_table
+
+    ours = [_record("tire", "m", 0, 0.8), _record("tire", "m", 1, 0.6)]
+    peer = {**_record("tire", "p", 0, 0.7), "kind": "patchcore", "budget_label": "default"}
+    other = {**_record("tire", "m", 0, 0.5), "backbone": "c"}
+    table = backbones_table([*ours, peer, other]).splitlines()
+    assert table[0] == "| category | backbone | dmdd default | patchcore default |"
+    assert table[2] == "| tire | b | 70.00 ± 10.00 / 90.00 ± 0.00 / - | 70.00 / 90.00 / - |"
+    assert table[3] == "| tire | c | 50.00 / 90.00 / - | - |" and len(table) == 4
+
+
 def test_the_results_page_is_regenerated_from_its_records_and_a_stale_page_is_caught(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"cells": [_record("bottle", "m", 0, 0.8)]}))
     page = tmp_path / "results.md"

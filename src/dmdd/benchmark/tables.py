@@ -146,6 +146,24 @@ def speed_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def backbones_table(records: list[dict[str, Any]]) -> str:
+    """One row per category and backbone, one column per model kind and budget: I-AUROC / P-AUROC / AU-PRO (the
+    mean over seeds), so that models with the same backbone sit side by side."""
+    groups: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        groups[(r["category"], r.get("backbone") or "-")][f"{r['kind']} {r['budget_label']}"].append(flat(r))
+    columns = sorted({c for g in groups.values() for c in g})
+    lines = ["| category | backbone | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for (category, backbone), by_column in groups.items():
+        cells = []
+        for c in columns:
+            rows = by_column.get(c)
+            cells.append("-" if not rows else " / ".join(_pct([x[k] for x in rows]) for k in
+                                                           ("image_auroc", "pixel_auroc", "au_pro")))  # fmt: skip
+        lines.append(f"| {category} | {backbone} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def curve_table(records: list[dict[str, Any]]) -> str:
     """Learning curves of the cells that kept snapshots: P-AUROC / AU-PRO (I-AUROC) at the first snapshot at or
     after each multiple of ``train.snapshot_every`` (snapshots come at epoch ends, so the step, after ``@``, may
@@ -291,7 +309,8 @@ def regions_table(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-RENDERERS = {"quality": quality_table, "speed": speed_table, "per_type": per_type_table, "curve": curve_table}
+RENDERERS = {"quality": quality_table, "speed": speed_table, "per_type": per_type_table, "curve": curve_table,
+             "backbones": backbones_table}  # fmt: skip
 FILE_RENDERERS = {"json": json_table, "deploy": deploy_table, "labelled": labelled_table,
                   "normal_only": normal_only_table, "tiles_speed": tiles_speed_table, "serve_load": serve_load_table,
                   "maps": maps_table, "regions": regions_table}  # fmt: skip

@@ -58,7 +58,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[dict[str, str]]]:
 
 
 def optimise_for_inference(model: torch.nn.Module, channels_last: bool, compile: bool) -> torch.nn.Module:
-    """Channels-last weights and optional ``torch.compile`` (defaults chosen by a probe (docs/results.md, section 6))."""
+    """Channels-last weights and optional ``torch.compile`` (defaults chosen by a probe, docs/probes.md)."""
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
