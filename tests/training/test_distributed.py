@@ -19,19 +19,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_training_produces_a_loadable_checkpoint(tiny_tree, tmp_path):
-    out = tmp_path / "ddp"
+def torchrun_train(data: Path, out: Path, *length: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``dmdd train`` on ``data`` in two gloo processes under torchrun (Lite0, 64 px, batch 2, one thread each);
+    returns the finished process and the rank-0 training log."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "-m", "dmdd.cli", "train", "--data", str(tiny_tree),
-        "--backbone", "efficientnet_lite0", "--image-size", "64", "--epochs", "2", "--batch-size", "2",
+        "--master_port", str(free_port()), "-m", "dmdd.cli", "train", "--data", str(data),
+        "--backbone", "efficientnet_lite0", "--image-size", "64", *length, "--batch-size", "2",
         "--no-progress", "--out", str(out),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
+    return run, [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_two_process_gloo_training_produces_a_loadable_checkpoint(tiny_tree, tmp_path):
+    out = tmp_path / "ddp"
+    run, log = torchrun_train(tiny_tree, out, "--epochs", "2")
     assert run.stdout.count("checkpoint:") == 1  # rank 0 only
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in log] == [1, 2] and all(e["processes"] == 2 for e in log)  # rank-0-only log
     model, payload = restore_model(out / "last.pt")
     assert {"image", "pixel"} <= set(payload["thresholds"])  # calibrated on rank 0
@@ -43,15 +48,7 @@ def test_two_process_gloo_training_produces_a_loadable_checkpoint(tiny_tree, tmp
 def test_a_two_process_minutes_budget_ends_on_the_same_step_everywhere(tiny_tree, tmp_path):
     # each rank times its own steps; rank 0's plan is broadcast, so both stop at the same step and the run ends
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "-m", "dmdd.cli", "train", "--data", str(tiny_tree),
-        "--backbone", "efficientnet_lite0", "--image-size", "64", "--minutes", "0.4", "--batch-size", "2",
-        "--no-progress", "--out", str(out),
-    ]  # fmt: skip
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr[-2000:]
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    _, log = torchrun_train(tiny_tree, out, "--minutes", "0.4")
     assert len(log) >= 2 and log[-1]["step"] == log[-1]["total_steps"] and log[-1]["elapsed"] <= 0.4 * 60
     assert restore_model(out / "last.pt")[1]["step"] == log[-1]["step"]
 

@@ -248,6 +248,15 @@ class FakeClock:
     def __call__(self) -> float:
         return self.now
 
+    def timed(self, real, cost):
+        """``real`` that first moves the clock by ``cost`` seconds (a number, or a function giving one)."""
+
+        def run(*args, **kwargs):
+            self.now += cost() if callable(cost) else cost
+            return real(*args, **kwargs)
+
+        return run
+
 
 def test_minutes_budget_replans_as_the_step_time_settles_and_ends_within_it(tiny_tree, tmp_path):
     """The budget covers everything: 10 s of setup (the global score's Gaussian), 3 slow first steps (15 s each, as
@@ -260,23 +269,16 @@ def test_minutes_budget_replans_as_the_step_time_settles_and_ends_within_it(tiny
     real_loss, real_stats = objective.student_loss, engine.fit_map_statistics
     real_global, real_calibrate = engine.fit_global_score, engine.calibrate
 
-    def timed(real, cost):
-        def run(*args, **kwargs):
-            clock.now += cost() if callable(cost) else cost
-            return real(*args, **kwargs)
-
-        return run
-
     def step_cost():
         clock.steps += 1
         return 15.0 if clock.steps <= 3 else 5.0
 
     cfg = tiny_config(tiny_tree, minutes=1.5, batch_size=2)  # 90 s; 6 training images: 3 steps an epoch
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(objective, "student_loss", timed(real_loss, step_cost))
-        mp.setattr(engine, "fit_map_statistics", timed(real_stats, 3.0))
-        mp.setattr(engine, "fit_global_score", timed(real_global, 10.0))
-        mp.setattr(engine, "calibrate", timed(real_calibrate, 6.0))
+        mp.setattr(objective, "student_loss", clock.timed(real_loss, step_cost))
+        mp.setattr(engine, "fit_map_statistics", clock.timed(real_stats, 3.0))
+        mp.setattr(engine, "fit_global_score", clock.timed(real_global, 10.0))
+        mp.setattr(engine, "calibrate", clock.timed(real_calibrate, 6.0))
         start = clock.now
         payload = load_checkpoint(fit(cfg, tmp_path / "m", progress=False, clock=clock))
     history = payload["history"]
@@ -301,22 +303,15 @@ def test_minutes_budget_replans_inside_an_epoch_when_steps_slow_down(tiny_tree, 
     clock = FakeClock()
     real_loss, real_stats, real_calibrate = objective.student_loss, engine.fit_map_statistics, engine.calibrate
 
-    def timed(real, cost):
-        def run(*args, **kwargs):
-            clock.now += cost() if callable(cost) else cost
-            return real(*args, **kwargs)
-
-        return run
-
     def step_cost():
         clock.steps += 1
         return 5.0 if clock.steps <= 9 else 30.0
 
     cfg = tiny_config(tiny_tree, minutes=2.0, batch_size=1)  # 6 training images: 6 steps an epoch
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(objective, "student_loss", timed(real_loss, step_cost))
-        mp.setattr(engine, "fit_map_statistics", timed(real_stats, 3.0))
-        mp.setattr(engine, "calibrate", timed(real_calibrate, 6.0))
+        mp.setattr(objective, "student_loss", clock.timed(real_loss, step_cost))
+        mp.setattr(engine, "fit_map_statistics", clock.timed(real_stats, 3.0))
+        mp.setattr(engine, "calibrate", clock.timed(real_calibrate, 6.0))
         start = clock.now
         payload = load_checkpoint(fit(cfg, tmp_path / "m", progress=False, clock=clock))
     # epoch 1: 30 s + 3 s, plan 20 steps; after step 10 (78 s, 11.25 s a step this epoch) 2 more fit; after step 11
