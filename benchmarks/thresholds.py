@@ -10,8 +10,14 @@ and the good-images-only calibration from held-out sets of a few images.
    maximum (before) or, now, a normal tail fitted to the scores (dmdd.evaluation.thresholds); false alarms and
    recall on the whole test split.
 
+3. With ``--choose-stages``, the labelled images also choose the map (``dmdd calibrate --choose-stages``,
+   dmdd.evaluation.stages): every candidate (all stages, all but one) is refitted on the held-out good training
+   images and scores the test split once; in each draw of part 1 the drawn images (with their masks) choose a
+   candidate, and the rest of the split measures the chosen map against all stages (pixel AUROC, AU-PRO, image
+   AUROC, and each rule's recall and false alarms).
+
     python benchmarks/thresholds.py runs/benchmark/dev/tire/tire/dmdd-lite0-250steps-seed0/run/last.pt \
-        --category tire --out docs/results/thresholds_tire.json
+        --category tire --choose-stages --out docs/results/thresholds_tire.json
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ from common import checkpoint_parser, open_checkpoint
 
 from dmdd.data import load_category
 from dmdd.device import select_device
+from dmdd.evaluation import metrics
 from dmdd.evaluation.labelled import cross_validated, parse_rule, rule_threshold
 from dmdd.evaluation.predictions import predict_split
+from dmdd.evaluation.stages import ALL, choose, labelled_pixel_auroc, stage_candidates, statistics_inputs, use_stages
 from dmdd.evaluation.thresholds import best_detection_at, normal_threshold_method
 from dmdd.training.loop import split_holdout
 
@@ -35,17 +43,22 @@ def mean_sd(values: list[float]) -> dict[str, float]:
     return {"mean": float(np.mean(values)), "sd": float(np.std(values))}
 
 
+def draw_labelled(labels: np.ndarray, per_class: int, seed: int, draw: int) -> tuple[np.ndarray, np.ndarray]:
+    """(drawn indices: ``per_class`` good then ``per_class`` defective, the rest), seeded by (seed, draw)."""
+    good_idx, bad_idx = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    rng = np.random.default_rng([seed, draw])
+    pick = np.r_[rng.choice(good_idx, per_class, replace=False), rng.choice(bad_idx, per_class, replace=False)]
+    return pick, np.setdiff1d(np.arange(labels.size), pick)
+
+
 def labelled_study(scores: np.ndarray, labels: np.ndarray, rules: list[str], per_class: int, draws: int,
                    seed: int) -> list[dict]:  # fmt: skip
-    good_idx, bad_idx = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
     rows = []
     for rule_text in rules:
         rule, rate = parse_rule(rule_text)
         seen: dict[str, list[float]] = {k: [] for k in ("recall", "fa", "best", "est_recall", "est_fa")}
         for draw in range(draws):
-            rng = np.random.default_rng([seed, draw])
-            pick = np.r_[rng.choice(good_idx, per_class, replace=False), rng.choice(bad_idx, per_class, replace=False)]
-            rest = np.setdiff1d(np.arange(labels.size), pick)
+            pick, rest = draw_labelled(labels, per_class, seed, draw)
             s, y = scores[pick], labels[pick]
             t = rule_threshold(s[y == 0], s[y == 1], rule, rate)
             good_rest, bad_rest = scores[rest][labels[rest] == 0], scores[rest][labels[rest] == 1]
@@ -82,6 +95,53 @@ def normal_only_study(holdout: np.ndarray, scores: np.ndarray, labels: np.ndarra
     return rows
 
 
+def stage_study(model, cfg, holdout, test_records, device, rules: list[str], per_class: int, draws: int,
+                seed: int) -> dict:  # fmt: skip
+    """Part 3: the labelled images of each draw choose the map; the rest measures it against all stages."""
+    stats_images = statistics_inputs(holdout, cfg)
+    runs = {}
+    for name, stages in stage_candidates(cfg).items():
+        runs[name] = predict_split(model, test_records, use_stages(model, cfg, stages, stats_images, device), device)
+        print(f"candidate {name}: pixel AUROC {labelled_pixel_auroc(runs[name]):.4f}", flush=True)
+    use_stages(model, cfg, None, stats_images, device)
+    labels = runs[ALL].labels
+    known = runs[ALL].pixel_labelled()
+
+    def measured(p, rest: np.ndarray) -> dict[str, float]:
+        pixels = rest[known[rest]]
+        scores, y = p.scores[rest], labels[rest]
+        out = {"pixel_auroc": labelled_pixel_auroc(p, rest), "au_pro": metrics.au_pro(p.masks[pixels] > 0, p.maps[pixels]),
+               "image_auroc": metrics.auroc(y, scores),
+               "best_recall_at_10": best_detection_at(scores[y == 0], scores[y == 1], 0.1)}  # fmt: skip
+        return out
+
+    chosen_names, per_variant = [], {"chosen": [], "all": []}
+    per_rule: dict[str, dict[str, list[float]]] = {r: {"recall": [], "fa": []} for r in rules}
+    for draw in range(draws):
+        pick, rest = draw_labelled(labels, per_class, seed, draw)
+        name = choose({c: labelled_pixel_auroc(p, pick) for c, p in runs.items()})
+        chosen_names.append(name)
+        per_variant["all"].append(measured(runs[ALL], rest))
+        per_variant["chosen"].append(per_variant["all"][-1] if name == ALL else measured(runs[name], rest))
+        p = runs[name]
+        s, y = p.scores[pick], labels[pick]
+        for rule_text in rules:
+            t = rule_threshold(s[y == 0], s[y == 1], *parse_rule(rule_text))
+            per_rule[rule_text]["recall"].append(float((p.scores[rest][labels[rest] == 1] >= t).mean()))
+            per_rule[rule_text]["fa"].append(float((p.scores[rest][labels[rest] == 0] >= t).mean()))
+        print(f"draw {draw}: {name}; rest pixel AUROC {per_variant['chosen'][-1]['pixel_auroc']:.4f} "
+              f"(all stages {per_variant['all'][-1]['pixel_auroc']:.4f})", flush=True)
+    whole = {name: {"pixel_auroc": labelled_pixel_auroc(p), "image_auroc": metrics.auroc(labels, p.scores)}
+             for name, p in runs.items()}  # fmt: skip
+    return {
+        "labelled": f"{per_class}+{per_class}", "draws": draws,
+        "chosen": {name: chosen_names.count(name) for name in runs},
+        "rest": {variant: {k: mean_sd([row[k] for row in rows]) for k in rows[0]} for variant, rows in per_variant.items()},
+        "rules": [{"rule": r, "recall": mean_sd(v["recall"]), "fa": mean_sd(v["fa"])} for r, v in per_rule.items()],
+        "whole_split": whole,  # reported only: never used to choose
+    }  # fmt: skip
+
+
 def main() -> int:
     p = checkpoint_parser(__doc__, threads=2)
     p.add_argument("--draws", type=int, default=20)
@@ -90,6 +150,7 @@ def main() -> int:
     p.add_argument("--holdout-sizes", default="5,10,20")
     p.add_argument("--target-fpr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--choose-stages", action="store_true", help="part 3: the labelled images also choose the map")
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args()
     model, _, cfg = open_checkpoint(args)
@@ -113,6 +174,9 @@ def main() -> int:
                                          [int(s) for s in args.holdout_sizes.split(",")], args.target_fpr,
                                          args.draws, args.seed),
     }  # fmt: skip
+    if args.choose_stages:
+        result["stages"] = stage_study(model, cfg, holdout or category.train, category.test, device,
+                                       args.rules.split(","), args.labelled, args.draws, args.seed)  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for row in result["labelled"]:

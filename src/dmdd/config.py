@@ -120,6 +120,10 @@ class ModelConfig:
         global_attention_size: side of the MSN's global attention grid G (K x g x g, bilinearly upsampled to the
             map size); 0 uses the full map size, as in the paper.
         map_stages: which stages' maps (of each branch) enter the fusion; all four are still trained.
+        fused_stages: of ``map_stages``, the stages whose maps the plain sum adds up (``null``: all of them). All
+            ``map_stages`` maps are still computed and standardised, so this can change on a trained model:
+            ``dmdd calibrate --choose-stages`` sets it from labelled rejects with masks (deviation,
+            docs/deviations.md). Needs ``msn: false`` (the MSN weighs its input maps itself).
         map_sigma: Gaussian smoothing (standard deviation in pixels at ``image_size``) of the final anomaly map;
             0 turns it off.
     """
@@ -150,12 +154,21 @@ class ModelConfig:
     msn_residual: bool = True
     global_attention_size: int = 8
     map_stages: tuple[int, ...] = (1, 2, 3, 4)
+    fused_stages: tuple[int, ...] | None = None
     map_sigma: float = 4.0
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
         for name in ("map_stages", "global_stages"):
             object.__setattr__(self, name, _stage_set(name, getattr(self, name)))
+        if self.fused_stages is not None:
+            object.__setattr__(self, "fused_stages", _stage_set("fused_stages", self.fused_stages))
+            if not set(self.fused_stages) <= set(self.map_stages):
+                raise ConfigError(f"model.fused_stages {list(self.fused_stages)} must be a subset of model.map_stages "
+                                  f"{list(self.map_stages)}")  # fmt: skip
+            if self.msn:
+                raise ConfigError("model.fused_stages needs model.msn: false (the MSN weighs its input maps itself); "
+                                  "remove fused_stages or turn the MSN off")  # fmt: skip
         if self.resize not in ("squash", "pad", "crop"):
             raise ConfigError(f"model.resize must be squash|pad|crop, got {self.resize!r}")
         if self.global_attention_size < 0 or self.map_sigma < 0:
@@ -380,6 +393,8 @@ class Config:
         out = dataclasses.asdict(self)
         out["train"]["betas"] = list(self.train.betas)
         out["model"]["map_stages"] = list(self.model.map_stages)
+        if self.model.fused_stages is not None:
+            out["model"]["fused_stages"] = list(self.model.fused_stages)
         return out
 
     @classmethod

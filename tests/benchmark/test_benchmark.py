@@ -302,14 +302,15 @@ def test_peers_run_as_cells_and_are_scored_by_dmdds_metric_code(tmp_path, tiny_t
 def test_the_threshold_driver_runs_on_a_tiny_model_and_its_tables_render(tiny_tree, tmp_path):
     from conftest import tiny_config
 
-    from dmdd.benchmark.tables import labelled_table, normal_only_table
+    from dmdd.benchmark.tables import labelled_table, normal_only_table, stage_rules_table, stages_table
     from dmdd.training.loop import fit
 
     ckpt = fit(tiny_config(tiny_tree, steps=1), tmp_path / "run", progress=False)
     out = tmp_path / "thresholds.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thresholds.py"), str(ckpt), "--data",
                            str(tiny_tree.parent), "--category", "metal", "--out", str(out), "--labelled", "2",
-                           "--draws", "3", "--rules", "f1,fpr=0.5", "--holdout-sizes", "1,2", "--threads", "1"],
+                           "--draws", "3", "--rules", "f1,fpr=0.5", "--holdout-sizes", "1,2", "--threads", "1",
+                           "--choose-stages"],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -321,6 +322,14 @@ def test_the_threshold_driver_runs_on_a_tiny_model_and_its_tables_render(tiny_tr
     assert {(r["held_out"], r["method"]) for r in data["normal_only"]} == {
         (1, "dmdd: max"), (1, "before: maximum"), (2, "dmdd: max"), (2, "before: maximum")}
     assert labelled_table(data).count("\n") == 4 and normal_only_table(data).count("\n") == 4
+    stages = data["stages"]  # part 3: every draw chose one of the five candidates; "all" is the trained map
+    assert sum(stages["chosen"].values()) == 3 and set(stages["chosen"]) == {"all", *(f"without stage {s}" for s in "1234")}
+    for key in ("pixel_auroc", "au_pro", "image_auroc"):
+        assert 0 <= stages["rest"]["chosen"][key]["mean"] <= 1 and 0 <= stages["rest"]["all"][key]["mean"] <= 1
+    if stages["chosen"]["all"] == 3:
+        assert stages["rest"]["chosen"] == stages["rest"]["all"]
+    assert [r["rule"] for r in stages["rules"]] == ["f1", "fpr=0.5"]
+    assert stages_table(data).count("\n") == 3 and stage_rules_table(data).count("\n") == 4
 
 
 def test_the_small_defect_driver_builds_its_category_and_times_a_tiled_model(tiny_tree, tmp_path):

@@ -225,3 +225,100 @@ def test_the_web_api_refuses_what_it_cannot_calibrate(ckpt, tiny_tree, tmp_path)
     r = c.post("/calibrate?model=onnx&save=true", data=both)
     assert r.status_code == 400 and "calibrate its checkpoint" in r.json()["detail"]
     assert np.isfinite(c.post("/calibrate?rule=f1", data=both).json()["labelled"]["image"])
+
+
+def _pairwise_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Brute force: the share of (defective, good) pixel pairs ranked the right way, ties counting half."""
+    pos, neg = np.sort(scores[labels]), np.sort(scores[~labels])
+    below = np.searchsorted(neg, pos, side="left")
+    ties = np.searchsorted(neg, pos, side="right") - below
+    return float((below + 0.5 * ties).sum() / (pos.size * neg.size))
+
+
+def test_choose_stages_keeps_the_labelled_best_map_refits_it_and_reset_restores_the_trained_one(
+        ckpt, tiny_tree, tmp_path, capsys):  # fmt: skip
+    from dmdd.data.datasets import folder_test_records
+    from dmdd.evaluation.stages import training_holdout
+
+    original = load_checkpoint(ckpt)
+    test = tiny_tree / "test"
+    records = folder_test_records({"good": test / "good", "scratch": test / "scratch", "spots": test / "spot"},
+                                  tiny_tree / "ground_truth")  # fmt: skip
+    model, payload = restore_model(ckpt)
+    before = predict_split(model, records, config_of(payload), torch.device("cpu"))
+    known = before.pixel_labelled()
+
+    assert main(["calibrate", str(ckpt), *labelled_args(tiny_tree), "--choose-stages", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    stored = load_checkpoint(ckpt)
+    report = stored["thresholds"]["labelled"]["stages"]
+    scores = report["labelled_pixel_auroc"]
+    assert list(scores) == ["all"] + [f"without stage {s}" for s in (1, 2, 3, 4)] and f"stages: {report['chosen']}" in printed
+    # "all", refitted on the same held-out images, is the trained map (to float rounding): its labelled pixel AUROC
+    assert scores["all"] == pytest.approx(_pairwise_auroc(before.masks[known].ravel() > 0, before.maps[known].ravel()),
+                                          abs=1e-4)  # fmt: skip
+    best = max(scores.values())
+    assert report["chosen"] == ("all" if scores["all"] == best else max(scores, key=scores.get))
+    chosen = None if report["chosen"] == "all" else [s for s in (1, 2, 3, 4) if f"stage {s}" not in report["chosen"]]
+    assert stored["config"]["model"]["fused_stages"] == chosen
+
+    # the checkpoint now adds up the chosen maps, with statistics refitted for them: the image score's map part is
+    # standardised over the held-out good images (mean 0, std 1 there)
+    model, payload = restore_model(ckpt)
+    cfg = config_of(payload)
+    assert cfg.model.fused_stages == (tuple(chosen) if chosen else None)
+    holdout = predict_split(model, training_holdout(cfg), cfg, torch.device("cpu"))
+    m_mean, m_std = model.global_score.score_stats[:2].tolist()
+    z = (np.array([model.map_score(torch.from_numpy(m)[None, None]).item() for m in holdout.maps]) - m_mean) / m_std
+    assert abs(z.mean()) < 1e-3 and abs(z.std(ddof=1) - 1) < 1e-3
+    assert stored["thresholds"]["labelled"]["image"] == stored["thresholds"]["image"]
+    after = predict_split(model, records, cfg, torch.device("cpu"))
+    assert scores[report["chosen"]] == pytest.approx(
+        _pairwise_auroc(after.masks[known].ravel() > 0, after.maps[known].ravel()), abs=1e-4)
+
+    assert main(["calibrate", str(ckpt), "--reset"]) == 0
+    back = load_checkpoint(ckpt)
+    assert back["config"]["model"].get("fused_stages") == original["config"]["model"].get("fused_stages")
+    assert all(torch.equal(back["model"][k], v) for k, v in original["model"].items())
+    assert back["thresholds"] == original["thresholds"] and "before_stage_choice" not in back
+
+
+def test_choose_stages_refuses_without_masks_or_training_data_and_on_the_msn(ckpt, tiny_tree, tmp_path, capsys):
+    from dmdd.config import Config
+    from dmdd.errors import DmddError
+    from dmdd.evaluation.stages import choose_stages
+    from dmdd.models.dmdd import DMDD
+
+    original = ckpt.read_bytes()
+    test = tiny_tree / "test"
+    no_masks = ["--normal-dir", str(test / "good"), "--abnormal-dir", str(test / "scratch")]
+    moved = tmp_path / "moved"
+    for args, message in [(no_masks, "--choose-stages needs masks"),
+                          ([*labelled_args(tiny_tree), "--data-root", str(moved)], "pass --data-root DIR")]:  # fmt: skip
+        assert main(["calibrate", str(ckpt), *args, "--choose-stages"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert ckpt.read_bytes() == original
+    shutil.copytree(tiny_tree, moved)  # the training data moved: --data-root finds it
+    assert main(["calibrate", str(ckpt), *labelled_args(tiny_tree), "--data-root", str(moved), "--choose-stages",
+                 "--dry-run"]) == 0  # fmt: skip
+    assert ckpt.read_bytes() == original
+    cfg = Config().replace(model={"backbone": "efficientnet_lite0", "image_size": 64, "msn": True, "pretrained": False})
+    with pytest.raises(DmddError, match="needs the plain-sum model"):
+        choose_stages(DMDD(cfg.model), cfg, [], lambda c: None, torch.device("cpu"))
+
+
+def test_a_map_of_chosen_stages_exports_to_onnx_with_the_same_maps(ckpt, tiny_tree):
+    pytest.importorskip("onnxruntime")
+    from dmdd.checkpoint import save_checkpoint
+    from dmdd.deploy.export import export_onnx
+
+    assert main(["calibrate", str(ckpt), *labelled_args(tiny_tree), "--choose-stages"]) == 0
+    stored = load_checkpoint(ckpt)
+    if stored["config"]["model"]["fused_stages"] is None:  # all stages kept: impose a subset to test its graph
+        stored["config"]["model"]["fused_stages"] = [1, 2, 3]
+        save_checkpoint(ckpt, stored)
+    model, payload = restore_model(ckpt)
+    assert model.fused is not None
+    report = export_onnx(model, ckpt.parent / "m.onnx", payload["thresholds"])  # raises when the maps differ
+    assert report["max_abs_diff"] < 1e-4

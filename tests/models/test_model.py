@@ -196,3 +196,21 @@ def test_map_stages_select_the_fused_maps():
         assert torch.allclose(plain(x).anomaly_map, expected, atol=1e-6)
     with pytest.raises(ConfigError):
         ModelConfig(map_stages=[0, 5])
+
+
+def test_fused_stages_add_up_only_their_maps_of_both_branches():
+    model = make(msn=False, map_sigma=0.0, fused_stages=[3, 1, 2]).eval()
+    assert model.cfg.fused_stages == (1, 2, 3) and model.fused == [0, 1, 2, 4, 5, 6]  # NGM s1-s4, then AIM s1-s4
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        stacked = model.stacked_maps(x)
+        out = model(x)
+    assert stacked.shape[1] == 8  # every map is still computed and standardised
+    expected = stacked.sum(1, keepdim=True) - stacked[:, [3, 7]].sum(1, keepdim=True)
+    assert torch.allclose(out.anomaly_map, expected, atol=1e-5)
+    assert make(msn=False, fused_stages=[1, 2, 3, 4]).fused is None  # all of map_stages: the plain sum, unchanged
+    assert make(msn=False, branches="abnormality", fused_stages=[4]).fused == [3]
+    with pytest.raises(ConfigError, match="subset of model.map_stages"):
+        ModelConfig(map_stages=[2, 3], fused_stages=[1])
+    with pytest.raises(ConfigError, match="needs model.msn: false"):
+        ModelConfig(msn=True, fused_stages=[1, 2])

@@ -234,6 +234,29 @@ def labelled_table(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stages_table(data: dict[str, Any]) -> str:
+    """benchmarks/thresholds.py, part 3: the map chosen by a few labelled images against all stages, on the rest of
+    the test split (mean ± sd over draws); how often each candidate was chosen."""
+    st = data["stages"]
+    head = ["labelled", "draws", "chosen", "P-AUROC: chosen / all stages", "AU-PRO", "I-AUROC",
+            "best recall at 10 % false alarms"]  # fmt: skip
+    chosen = ", ".join(f"{name} {count}" for name, count in st["chosen"].items() if count)
+    cells = [st["labelled"], st["draws"], chosen]
+    for key in ("pixel_auroc", "au_pro", "image_auroc", "best_recall_at_10"):
+        cells.append(f"{_mean_sd(st['rest']['chosen'][key])} / {_mean_sd(st['rest']['all'][key])}")
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      "| " + " | ".join(map(str, cells)) + " |"]) + "\n"  # fmt: skip
+
+
+def stage_rules_table(data: dict[str, Any]) -> str:
+    """benchmarks/thresholds.py, part 3: each rule's decisions with the chosen map, on the rest of the test split."""
+    head = ["rule", "labelled", "recall", "false alarms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in data["stages"]["rules"]:
+        lines.append(f"| {r['rule']} | {data['stages']['labelled']} | {_mean_sd(r['recall'])} | {_mean_sd(r['fa'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def tiles_speed_table(data: dict[str, Any]) -> str:
     """benchmarks/small_defects.py speed: seconds per camera-size image and peak memory per checkpoint."""
     head = ["model", "tile", "image", "threads", "s/image", "peak RSS MiB"]
@@ -313,7 +336,8 @@ RENDERERS = {"quality": quality_table, "speed": speed_table, "per_type": per_typ
              "backbones": backbones_table}  # fmt: skip
 FILE_RENDERERS = {"json": json_table, "deploy": deploy_table, "labelled": labelled_table,
                   "normal_only": normal_only_table, "tiles_speed": tiles_speed_table, "serve_load": serve_load_table,
-                  "maps": maps_table, "regions": regions_table}  # fmt: skip
+                  "maps": maps_table, "regions": regions_table, "stages": stages_table,
+                  "stage_rules": stage_rules_table}  # fmt: skip
 _BLOCK = re.compile(r"(<!-- benchmark: (\S+)(?: table=(\w+))? -->\n)(.*?)(<!-- /benchmark -->)", re.S)
 
 

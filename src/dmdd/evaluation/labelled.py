@@ -228,8 +228,11 @@ def describe(thresholds: dict[str, Any] | None) -> str:
     mode = thresholds.get("mode", "synthetic")
     if mode == "labelled":
         lab = thresholds["labelled"]
+        stages = lab.get("stages") or {}
+        maps = (f"; map of stages {', '.join(map(str, stages['fused_stages']))} (chosen on their masks)"
+                if stages.get("chosen", "all") != "all" else "")  # fmt: skip
         return (f"labelled: rule {lab['rule']} on {lab['good_images']} good + {lab['defective_images']} defective "
-                f"images ({lab['date'][:10]})")  # fmt: skip
+                f"images ({lab['date'][:10]}){maps}")  # fmt: skip
     if mode == "normal":
         normal = thresholds.get("normal") or {}
         method = {"tail": ", fitted tail: too few for a quantile"}.get(normal.get("method"), "")
@@ -255,9 +258,15 @@ def _decodable(records: list, size: int, resize: str) -> tuple[list, list[str]]:
 
 def calibrate_checkpoint(checkpoint: str | Path, normal_dir: str | Path | None, abnormal_dirs: dict[str, Path],
                          mask_dir: str | Path | None = None, rule_text: str = "f1", device_name: str = "auto",
-                         dry_run: bool = False) -> dict[str, Any]:  # fmt: skip
+                         dry_run: bool = False, choose_stages: bool = False,
+                         data_root: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Score labelled images with a checkpoint, set the thresholds by the rule, estimate what a user will see and,
     unless ``dry_run``, store them in the checkpoint with their provenance (written atomically).
+
+    With ``choose_stages`` the labelled masks first choose which stages' maps the anomaly map adds up
+    (:mod:`dmdd.evaluation.stages`); the maps' statistics and training's good-image thresholds are refitted for
+    the chosen map on the run's held-out good training images (read from ``data_root``, default the checkpoint's),
+    and what they replace is kept in the checkpoint so that ``--reset`` restores it.
 
     Returns:
         ``{"thresholds", "warnings", "written", "describe"}``.
@@ -265,7 +274,9 @@ def calibrate_checkpoint(checkpoint: str | Path, normal_dir: str | Path | None, 
     from dmdd.checkpoint import config_of, load_checkpoint, restore_model, save_checkpoint
     from dmdd.data.datasets import folder_test_records
     from dmdd.device import select_device
+    from dmdd.evaluation import stages
     from dmdd.evaluation.predictions import predict_split
+    from dmdd.evaluation.thresholds import calibrate
 
     parse_rule(rule_text)  # a bad rule fails before any image is read
     if normal_dir is None:
@@ -282,25 +293,69 @@ def calibrate_checkpoint(checkpoint: str | Path, normal_dir: str | Path | None, 
     labels = [int(r.label) for r in records]
     rule, rate = parse_rule(rule_text)
     check_rule(labels.count(0), labels.count(1), rule, rate)
-    p = predict_split(model, records, cfg, device)
-    labelled = labelled_thresholds(p.scores, p.labels, rule_text, p.maps, p.masks, p.pixel_labelled())
-    files = {str(r.image): digest(Path(r.image).read_bytes()) for r in records}
     masks = sum(r.mask is not None for r in records)
+    base, stage_report = payload.get("thresholds"), None
+    if choose_stages:
+        if masks == 0:
+            raise DmddError("--choose-stages needs masks of the defective images (--mask-dir DIR, one per reject by "
+                            "file stem): the stages are chosen by how well the defects' pixels are ranked")  # fmt: skip
+        holdout = stages.training_holdout(cfg, data_root)
+        cfg, p, stage_report = stages.choose_stages(model, cfg, holdout,
+                                                    lambda c: predict_split(model, records, c, device), device)
+        base = calibrate(model, holdout, cfg, device)  # training's good-image thresholds, for the chosen map
+    else:
+        p = predict_split(model, records, cfg, device)
+    labelled = labelled_thresholds(p.scores, p.labels, rule_text, p.maps, p.masks, p.pixel_labelled())
+    if stage_report is not None:
+        labelled["stages"] = stage_report
+    files = {str(r.image): digest(Path(r.image).read_bytes()) for r in records}
     labelled |= provenance(files, labels, masks, f"dmdd calibrate --normal-dir {normal_dir}")
-    thresholds = with_labelled(payload.get("thresholds"), labelled)
+    thresholds = with_labelled(base, labelled)
     if not dry_run:
         stored = load_checkpoint(checkpoint)  # the file as written (restore_model may have migrated a copy)
+        if stage_report is not None:
+            _store_stage_choice(stored, model, cfg)
         stored["thresholds"] = thresholds
         save_checkpoint(checkpoint, stored)
     return {"thresholds": thresholds, "warnings": warnings, "written": not dry_run, "describe": describe(thresholds)}
 
 
+BEFORE_STAGES = "before_stage_choice"
+
+
+def _store_stage_choice(stored: dict[str, Any], model, cfg) -> None:
+    """Write the chosen stages and the refitted statistics into the checkpoint's payload, keeping what they replace
+    (the first time) for ``--reset``."""
+    changed = {name: buf.detach().cpu().clone() for name, buf in model.named_buffers()
+               if name in stored["model"] and not _same_tensor(stored["model"][name], buf)}  # fmt: skip
+    if BEFORE_STAGES not in stored:
+        stored[BEFORE_STAGES] = {"fused_stages": stored["config"]["model"].get("fused_stages"),
+                                 "buffers": {name: stored["model"][name] for name in changed},
+                                 "thresholds": stored.get("thresholds")}  # fmt: skip
+    stored["config"]["model"]["fused_stages"] = None if cfg.model.fused_stages is None else list(cfg.model.fused_stages)
+    stored["model"].update(changed)
+
+
+def _same_tensor(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b.detach().to(a.device, a.dtype)))
+
+
 def reset_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
-    """Remove the labelled thresholds: training's decide again."""
+    """Remove the labelled thresholds: training's decide again (and, after ``--choose-stages``, training's map)."""
     from dmdd.checkpoint import load_checkpoint, save_checkpoint
 
     stored = load_checkpoint(checkpoint)
-    stored["thresholds"] = without_labelled(stored.get("thresholds"), checkpoint)
+    before = stored.pop(BEFORE_STAGES, None)
+    if before is not None:
+        stored["config"]["model"]["fused_stages"] = before["fused_stages"]
+        stored["model"].update(before["buffers"])
+        stored["thresholds"] = before["thresholds"]
+        if (stored["thresholds"] or {}).get("mode") == "labelled":
+            stored["thresholds"] = without_labelled(stored["thresholds"], checkpoint)
+    else:
+        stored["thresholds"] = without_labelled(stored.get("thresholds"), checkpoint)
     save_checkpoint(checkpoint, stored)
     return {"thresholds": stored["thresholds"], "describe": describe(stored["thresholds"])}
 
@@ -324,6 +379,7 @@ def summary(report: dict[str, Any]) -> str:
         f"image threshold {lab['image']:.6g} (training's, from good images only: {old.get('image')})",
         f"pixel threshold {report['thresholds']['pixel']:.6g}"
         + (f" ({lab['pixel_source']})" if lab["pixel_source"] else " (training's: no masks given)"),
+        *_stage_lines(lab.get("stages")),
         f"on the labelled images: recall {pct(on['recall'])}, false alarms {pct(on['false_alarm_rate'])}",
         f"expected on new parts ({est['method']}, 95 % interval): recall {pct(est['recall'])} "
         f"{ci(est['recall_95ci'])}, false alarms {pct(est['false_alarm_rate'])} {ci(est['false_alarm_95ci'])}",
@@ -333,3 +389,12 @@ def summary(report: dict[str, Any]) -> str:
                      "are what they can promise. Label more parts to narrow them.")  # fmt: skip
     lines.append("written to the checkpoint" if report["written"] else "dry run: the checkpoint is unchanged")
     return "\n".join(lines)
+
+
+def _stage_lines(report: dict[str, Any] | None) -> list[str]:
+    if not report:
+        return []
+    scores = ", ".join(f"{name} {100 * auroc:.2f}" for name, auroc in report["labelled_pixel_auroc"].items())
+    return [f"stages: {report['chosen']} (map of stages {', '.join(map(str, report['fused_stages']))}); labelled "
+            f"pixel AUROC {scores}; statistics and training's thresholds refitted on {report['holdout_images']} "
+            "held-out good training images"]  # fmt: skip

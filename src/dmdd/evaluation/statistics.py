@@ -52,6 +52,8 @@ def fit_map_statistics(
     model.map_mean.copy_(mean.float())
     model.map_std.copy_(std.float())
     a = 1.0 / std if model.cfg.map_normalization else torch.ones_like(std)  # the fusion's input is a * (m - mu)
+    if model.fused is not None:  # the plain sum adds only the maps of cfg.fused_stages
+        a = a * torch.zeros_like(a).index_fill_(0, torch.tensor(model.fused), 1.0)
     head = model.segmentation
     if head is not None and getattr(head, "residual", False):
         covariance = moments / count - torch.outer(mean, mean)

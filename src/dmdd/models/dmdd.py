@@ -69,6 +69,7 @@ class DMDD(nn.Module):
             PyramidModelingNetwork(direction="down-top-down", **pmn) if self.use_abnormality else None
         )
         self.num_maps = len(cfg.map_stages) * (int(self.use_normality) + int(self.use_abnormality))
+        self.fused = fused_indices(cfg)
         self.segmentation = (
             SegmentationHead(
                 self.num_maps,
@@ -172,8 +173,8 @@ class DMDD(nn.Module):
         """Eval-mode fusion of the (B, K, S, S) stacked maps into the (B, 1, S, S) anomaly map; with the teacher
         features and ``cfg.regional_score`` fitted, plus the regional map (:mod:`dmdd.models.regional`); with
         ``cfg.foreground_support`` on, times the support (:mod:`dmdd.models.support`)."""
-        if self.segmentation is None:
-            anomaly_map = stacked.sum(dim=1, keepdim=True)  # "w/o MSN"
+        if self.segmentation is None:  # "w/o MSN": the plain sum (of the maps of cfg.fused_stages, where set)
+            anomaly_map = (stacked if self.fused is None else stacked[:, self.fused]).sum(dim=1, keepdim=True)
         else:
             anomaly_map = torch.sigmoid(self.segmentation(stacked))
         if self.regional is not None and teacher is not None:
@@ -221,6 +222,20 @@ class DMDD(nn.Module):
             (features of the normal images, features of the anomalous images), split from one 2B batch.
         """
         return split_pairs(self.features(torch.cat([normal, anomalous], dim=0)), normal.shape[0])
+
+
+def map_stage_of(cfg: ModelConfig) -> list[int]:
+    """The stage of each of the K stacked maps (NGM maps of ``cfg.map_stages``, then AIM maps)."""
+    branches = int(cfg.branches in ("both", "normality")) + int(cfg.branches in ("both", "abnormality"))
+    return list(cfg.map_stages) * branches
+
+
+def fused_indices(cfg: ModelConfig) -> list[int] | None:
+    """Which of the K stacked maps the plain sum adds up: ``None`` for all of them (``cfg.fused_stages`` unset or
+    equal to ``cfg.map_stages``)."""
+    if cfg.fused_stages is None or set(cfg.fused_stages) == set(cfg.map_stages):
+        return None
+    return [k for k, stage in enumerate(map_stage_of(cfg)) if stage in cfg.fused_stages]
 
 
 def split_pairs(feats: Features, b: int) -> tuple[Features, Features]:

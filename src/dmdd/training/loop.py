@@ -31,8 +31,9 @@ from dmdd.data.synthesis import AnomalySynthesizer
 from dmdd.data.tiles import TileSpec
 from dmdd.device import select_device
 from dmdd.errors import ConfigError, DmddError, TrainingDivergedError
-from dmdd.evaluation import calibrate, fit_global_score, fit_map_statistics, fit_regional_score, preload_images
+from dmdd.evaluation import calibrate, fit_global_score, fit_map_statistics, fit_regional_score
 from dmdd.evaluation.predictions import preload_tiles
+from dmdd.evaluation.stages import statistics_inputs
 from dmdd.evaluation.thresholds import calibration_forwards, calibration_pairs
 from dmdd.models.dmdd import DMDD
 from dmdd.training.averaging import WeightAverage
@@ -370,13 +371,11 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     epochs_left = math.ceil(max(state.total_steps - state.step, 0) / student_steps) if state.total_steps else 1
     bar = tqdm(total=(student_steps + seg_steps) * epochs_left, disable=not (progress and ctx.is_main),
                unit="step", desc=f"train {category.name}", dynamic_ncols=True)  # fmt: skip
-    stats_records = holdout or train_records  # their map statistics are refitted every epoch: decode them once
-    stats_images = preload_images(stats_records, cfg) if len(stats_records) <= PRELOAD_MAX else stats_records
+    # their map statistics are refitted every epoch: decoded once (with tiles, a few tiles of each image)
+    stats_images = statistics_inputs(holdout or train_records, cfg, PRELOAD_MAX)
     fitted_on = train_records
-    if tiles is not None:  # statistics and Gaussians of tiles, as the model will see them
-        # every epoch refits the map statistics: a few tiles per held-out image keep that pass short
-        stats_cap = min(256, max(64, 4 * len(stats_records)))
-        stats_images, fitted_on = preload_tiles(stats_records, cfg, stats_cap), preload_tiles(train_records, cfg)
+    if tiles is not None:  # the Gaussians of tiles, as the model will see them
+        fitted_on = preload_tiles(train_records, cfg)
     if model.global_score is not None and not model.global_score.gaussian_fitted:  # the frozen teacher's, once
         fit_global_score(model, fitted_on, cfg, device)
     if model.regional is not None and not model.regional.gaussian_fitted:
