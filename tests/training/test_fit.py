@@ -512,6 +512,16 @@ def test_demo_sets_aside_a_checkpoint_of_another_model_configuration_and_keeps_i
     fit(cfg, tmp_path / "demo", progress=False)
     assert set_aside_other_model(tmp_path / "demo", cfg) is None  # its own run: resumed, untouched
     assert (tmp_path / "demo" / "last.pt").is_file()
+    from dmdd.checkpoint import load_checkpoint, save_checkpoint
+
+    payload = load_checkpoint(tmp_path / "demo" / "last.pt")
+    for stages in ([1, 2, 3], "absent"):  # stages chosen after training, or a checkpoint from before the option
+        if stages == "absent":
+            payload["config"]["model"].pop("fused_stages")
+        else:
+            payload["config"]["model"]["fused_stages"] = stages
+        save_checkpoint(tmp_path / "demo" / "last.pt", payload)
+        assert set_aside_other_model(tmp_path / "demo", cfg) is None, stages
     other = cfg.replace(model={"global_stages": [1, 2, 3, 4]})  # as an earlier dmdd's defaults
     aside = set_aside_other_model(tmp_path / "demo", other)
     assert aside == tmp_path / "demo" / "last.previous.pt" and aside.is_file()
