@@ -254,7 +254,7 @@ def test_every_shipped_suite_loads_and_expands(monkeypatch, tmp_path):
     for var in ("DMDD_DATA", "MVTEC_ROOT", "MPDD_ROOT", "DMDD_SMALL"):
         monkeypatch.setenv(var, str(tmp_path))
     suites = sorted((REPO / "benchmarks" / "suites").glob("*.yaml"))
-    shipped = {"dev", "speed", "paper_mvtec", "paper_mpdd", "gpu_smoke", "ladder", "small_defects", "curves"}
+    shipped = {"dev", "speed", "paper_mvtec", "paper_mpdd", "gpu_smoke", "ladder", "small_defects", "curves", "ablation"}
     assert {s.stem for s in suites} >= shipped
     for path in suites:
         suite = load_suite(path)
