@@ -119,7 +119,7 @@ def stage_study(model, cfg, holdout, test_records, device, rules: list[str], per
     per_rule: dict[str, dict[str, list[float]]] = {r: {"recall": [], "fa": []} for r in rules}
     for draw in range(draws):
         pick, rest = draw_labelled(labels, per_class, seed, draw)
-        name = choose({c: labelled_pixel_auroc(p, pick) for c, p in runs.items()})
+        name, _ = choose(runs, pick)
         chosen_names.append(name)
         per_variant["all"].append(measured(runs[ALL], rest))
         per_variant["chosen"].append(per_variant["all"][-1] if name == ALL else measured(runs[name], rest))

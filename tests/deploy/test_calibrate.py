@@ -235,8 +235,8 @@ def _pairwise_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((below + 0.5 * ties).sum() / (pos.size * neg.size))
 
 
-def test_choose_stages_keeps_the_labelled_best_map_refits_it_and_reset_restores_the_trained_one(
-        ckpt, tiny_tree, tmp_path, capsys):  # fmt: skip
+def test_choose_stages_keeps_what_the_rejects_show_refits_the_map_and_reset_restores_the_trained_one(
+        ckpt, tiny_tree, capsys, monkeypatch):  # fmt: skip
     from dmdd.data.datasets import folder_test_records
     from dmdd.evaluation.stages import training_holdout
 
@@ -252,29 +252,40 @@ def test_choose_stages_keeps_the_labelled_best_map_refits_it_and_reset_restores_
     printed = capsys.readouterr().out
     stored = load_checkpoint(ckpt)
     report = stored["thresholds"]["labelled"]["stages"]
-    scores = report["labelled_pixel_auroc"]
-    assert list(scores) == ["all"] + [f"without stage {s}" for s in (1, 2, 3, 4)] and f"stages: {report['chosen']}" in printed
+    candidates = report["candidates"]
+    assert list(candidates) == ["all"] + [f"without stage {s}" for s in (1, 2, 3, 4)]
+    assert f"stages: {report['chosen']}" in printed and "p = " in printed
     # "all", refitted on the same held-out images, is the trained map (to float rounding): its labelled pixel AUROC
-    assert scores["all"] == pytest.approx(_pairwise_auroc(before.masks[known].ravel() > 0, before.maps[known].ravel()),
-                                          abs=1e-4)  # fmt: skip
-    best = max(scores.values())
-    assert report["chosen"] == ("all" if scores["all"] == best else max(scores, key=scores.get))
-    chosen = None if report["chosen"] == "all" else [s for s in (1, 2, 3, 4) if f"stage {s}" not in report["chosen"]]
-    assert stored["config"]["model"]["fused_stages"] == chosen
+    assert candidates["all"]["pixel_auroc"] == pytest.approx(
+        _pairwise_auroc(before.masks[known].ravel() > 0, before.maps[known].ravel()), abs=1e-4)
+    # two masked rejects cannot show a gain at 5 % over four candidates (their smallest p-value is 1/4): all stay
+    assert report["masked_rejects"] == 2 and min(c["p_value"] for c in list(candidates.values())[1:]) >= 0.25
+    assert report["chosen"] == "all" and stored["config"]["model"]["fused_stages"] is None
 
-    # the checkpoint now adds up the chosen maps, with statistics refitted for them: the image score's map part is
-    # standardised over the held-out good images (mean 0, std 1 there)
+    # where the rejects do show a gain (the rule itself: tests/evaluation/test_stages.py), the checkpoint adds up the
+    # chosen maps, with statistics refitted for them: the image score's map part is standardised over the held-out
+    # good images (mean 0, std 1 there), and the stored labelled thresholds are those of the chosen map
+    import dmdd.evaluation.stages as stages
+
+    monkeypatch.setattr(stages, "choose", lambda runs, index=None: ("without stage 4", {}))
+    assert main(["calibrate", str(ckpt), *labelled_args(tiny_tree), "--choose-stages", "--threads", "1"]) == 0
+    stored = load_checkpoint(ckpt)
+    assert stored["config"]["model"]["fused_stages"] == [1, 2, 3]
     model, payload = restore_model(ckpt)
     cfg = config_of(payload)
-    assert cfg.model.fused_stages == (tuple(chosen) if chosen else None)
+    assert cfg.model.fused_stages == (1, 2, 3) and model.fused == [0, 1, 2, 4, 5, 6]
     holdout = predict_split(model, training_holdout(cfg), cfg, torch.device("cpu"))
     m_mean, m_std = model.global_score.score_stats[:2].tolist()
     z = (np.array([model.map_score(torch.from_numpy(m)[None, None]).item() for m in holdout.maps]) - m_mean) / m_std
     assert abs(z.mean()) < 1e-3 and abs(z.std(ddof=1) - 1) < 1e-3
-    assert stored["thresholds"]["labelled"]["image"] == stored["thresholds"]["image"]
     after = predict_split(model, records, cfg, torch.device("cpu"))
-    assert scores[report["chosen"]] == pytest.approx(
-        _pairwise_auroc(after.masks[known].ravel() > 0, after.maps[known].ravel()), abs=1e-4)
+    assert not np.allclose(after.maps, before.maps)
+    lab = stored["thresholds"]["labelled"]
+    assert lab["image"] == stored["thresholds"]["image"] == rule_threshold(
+        after.scores[after.labels == 0], after.scores[after.labels == 1], "f1", None)
+    from dmdd.evaluation.labelled import describe
+
+    assert describe(stored["thresholds"]).endswith("; map of stages 1, 2, 3 (chosen on their masks)")
 
     assert main(["calibrate", str(ckpt), "--reset"]) == 0
     back = load_checkpoint(ckpt)

@@ -394,7 +394,11 @@ def summary(report: dict[str, Any]) -> str:
 def _stage_lines(report: dict[str, Any] | None) -> list[str]:
     if not report:
         return []
-    scores = ", ".join(f"{name} {100 * auroc:.2f}" for name, auroc in report["labelled_pixel_auroc"].items())
-    return [f"stages: {report['chosen']} (map of stages {', '.join(map(str, report['fused_stages']))}); labelled "
-            f"pixel AUROC {scores}; statistics and training's thresholds refitted on {report['holdout_images']} "
-            "held-out good training images"]  # fmt: skip
+    lines = [f"stages: {report['chosen']} (map of stages {', '.join(map(str, report['fused_stages']))}), by "
+             f"{report['masked_rejects']} masked rejects; statistics and training's thresholds refitted on "
+             f"{report['holdout_images']} held-out good training images"]  # fmt: skip
+    for name, c in report["candidates"].items():
+        test = (f", mean gain per reject {100 * c['mean_gain']:+.2f}, p = {c['p_value']:.3g}"
+                if "p_value" in c else "")  # fmt: skip
+        lines.append(f"  {name}: labelled pixel AUROC {100 * c['pixel_auroc']:.2f}{test}")
+    return lines
