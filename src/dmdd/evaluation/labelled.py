@@ -398,7 +398,7 @@ def _stage_lines(report: dict[str, Any] | None) -> list[str]:
              f"{report['masked_rejects']} masked rejects; statistics and training's thresholds refitted on "
              f"{report['holdout_images']} held-out good training images"]  # fmt: skip
     for name, c in report["candidates"].items():
-        test = (f", mean gain per reject {100 * c['mean_gain']:+.2f}, p = {c['p_value']:.3g}"
-                if "p_value" in c else "")  # fmt: skip
+        test = (f", gain {100 * c['gain']:+.2f}, in {100 * c['resamples_with_gain']:.0f} % of resamples"
+                if "gain" in c else "")  # fmt: skip
         lines.append(f"  {name}: labelled pixel AUROC {100 * c['pixel_auroc']:.2f}{test}")
     return lines
