@@ -202,6 +202,16 @@ def test_backbones_table_puts_models_with_the_same_backbone_side_by_side():
     assert table[3] == "| tire | c | 50.00 / 90.00 / - | - |" and len(table) == 4
 
 
+def test_budgets_table_sets_the_minutes_a_fit_took_against_its_budget():
+    from dmdd.benchmark.tables import budgets_table
+
+    timed = {**_record("tire", "m", 0, 0.8), "budget": {"minutes": 10}}
+    timed["train"] = {**timed["train"], "fit_seconds": 630.0}
+    stepped = {**_record("tire", "s", 0, 0.8), "budget": {"steps": 250}}  # no minutes budget: no row
+    table = budgets_table([timed, stepped]).splitlines()
+    assert table[2] == "| tire | m | 10 | 10.50 | 105.0 % | 10 | 1.0 | abc |" and len(table) == 3
+
+
 def test_the_results_page_is_regenerated_from_its_records_and_a_stale_page_is_caught(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"cells": [_record("bottle", "m", 0, 0.8)]}))
     page = tmp_path / "results.md"

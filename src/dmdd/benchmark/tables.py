@@ -164,6 +164,21 @@ def backbones_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def budgets_table(records: list[dict[str, Any]]) -> str:
+    """Cells trained for a number of minutes (``--minutes``): the budget against the minutes the fit took, setup and
+    the final calibration included (what the budget counts), with the steps it planned and the commit."""
+    head = ["category", "model", "budget min", "fit min", "used", "steps", "s/step", "commit"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        minutes, fit = (r.get("budget") or {}).get("minutes"), (r.get("train") or {}).get("fit_seconds")
+        if minutes is None or fit is None:
+            continue
+        cells = [r["category"], r["model"], f"{minutes:g}", f"{fit / 60:.2f}", f"{100 * fit / (60 * minutes):.1f} %",
+                 r["train"].get("steps"), r["train"].get("step_seconds"), r["environment"]["git_commit"][:7]]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def curve_table(records: list[dict[str, Any]]) -> str:
     """Learning curves of the cells that kept snapshots: P-AUROC / AU-PRO (I-AUROC) at the first snapshot at or
     after each multiple of ``train.snapshot_every`` (snapshots come at epoch ends, so the step, after ``@``, may
@@ -333,7 +348,7 @@ def regions_table(data: dict[str, Any]) -> str:
 
 
 RENDERERS = {"quality": quality_table, "speed": speed_table, "per_type": per_type_table, "curve": curve_table,
-             "backbones": backbones_table}  # fmt: skip
+             "backbones": backbones_table, "budgets": budgets_table}  # fmt: skip
 FILE_RENDERERS = {"json": json_table, "deploy": deploy_table, "labelled": labelled_table,
                   "normal_only": normal_only_table, "tiles_speed": tiles_speed_table, "serve_load": serve_load_table,
                   "maps": maps_table, "regions": regions_table, "stages": stages_table,
