@@ -66,12 +66,16 @@ def use_stages(model: DMDD, cfg: Config, stages: tuple[int, ...] | None, stats_i
     return cfg
 
 
+def known_pixels(p: Predictions, index: np.ndarray | None = None) -> np.ndarray:
+    """(N,) which images (of ``index``, default all) have known pixels: good images, defective ones with a mask."""
+    known = p.pixel_labelled()
+    return known if index is None else known & np.isin(np.arange(known.size), index)
+
+
 def labelled_pixel_auroc(p: Predictions, index: np.ndarray | None = None) -> float | None:
     """Pixel AUROC over the images (of ``index``, default all) whose pixels are known: good images, defective ones
     with a mask; ``None`` without a defect mask among them."""
-    known = p.pixel_labelled()
-    if index is not None:
-        known = known & np.isin(np.arange(known.size), index)
+    known = known_pixels(p, index)
     if not (known & (p.labels == 1)).any():
         return None
     return metrics.auroc(p.masks[known].ravel() > 0, p.maps[known].ravel())
@@ -90,9 +94,7 @@ def pair_counts(p: Predictions, index: np.ndarray | None = None) -> tuple[np.nda
         way, ties counting half; defect pixels per reject (R,); normal pixels per image (J,); the position in J of
         each reject (R,)). The pooled AUROC is ``U.sum() / (pos.sum() * neg.sum())``.
     """
-    known = p.pixel_labelled()
-    if index is not None:
-        known = known & np.isin(np.arange(known.size), index)
+    known = known_pixels(p, index)
     images = np.flatnonzero(known)
     masks = [p.masks[j] > 0 for j in images]
     negatives = [np.sort(p.maps[j][~m]) for j, m in zip(images, masks)]
@@ -130,9 +132,7 @@ def choose(runs: dict[str, Predictions], index: np.ndarray | None = None,
     """
     generator = generator if generator is not None else np.random.default_rng(0)
     split = {name: pair_counts(p, index) for name, p in runs.items()}
-    known = runs[ALL].pixel_labelled()
-    if index is not None:
-        known = known & np.isin(np.arange(known.size), index)
+    known = known_pixels(runs[ALL], index)
     labels = runs[ALL].labels[known]
     weights = np.zeros((RESAMPLES, labels.size))
     for value in (0, 1):  # stratified: each class keeps its count
