@@ -12,7 +12,7 @@ from dmdd.config import ModelConfig
 from dmdd.data import load_category
 from dmdd.data.datasets import AnomalyDataset
 from dmdd.errors import ConfigError
-from dmdd.evaluation import fit_global_score, fit_map_statistics
+from dmdd.evaluation import fit_map_statistics, fit_teacher_gaussians
 from dmdd.models import DMDD
 from dmdd.models.gaussian import mahalanobis, precision
 from dmdd.models.global_score import FeatureGaussian, ledoit_wolf, pool
@@ -105,7 +105,7 @@ def test_a_whole_image_change_raises_the_global_score_more_than_the_map_score(ti
     model = DMDD(cfg.model).eval()
     category = load_category(tiny_tree)
     train, holdout = split_holdout(category.train, 0.25, 0)
-    fit_global_score(model, train, cfg, torch.device("cpu"))
+    fit_teacher_gaussians(model, train, cfg, torch.device("cpu"))
     fit_map_statistics(model, holdout, cfg, torch.device("cpu"))
     assert model.global_score.fitted == 1
     good = torch.stack([AnomalyDataset(holdout, 64)[i]["image"] for i in range(len(holdout))])
@@ -145,7 +145,7 @@ def test_statistics_from_preloaded_images_equal_those_from_records(tiny_tree):
     for source in (holdout, preload_images(holdout, cfg)):
         torch.manual_seed(0)
         model = DMDD(cfg.model).eval()
-        fit_global_score(model, train, cfg, torch.device("cpu"))
+        fit_teacher_gaussians(model, train, cfg, torch.device("cpu"))
         fit_map_statistics(model, source, cfg, torch.device("cpu"))
         results.append({k: v.clone() for k, v in model.state_dict().items() if k.startswith(("map_", "global_score."))})
     assert results[0].keys() == results[1].keys() and len(results[0]) > 4

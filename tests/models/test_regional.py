@@ -11,6 +11,7 @@ from conftest import tiny_config
 from dmdd.checkpoint import config_of, load_checkpoint, restore_model, save_checkpoint
 from dmdd.data import load_category
 from dmdd.data.datasets import AnomalyDataset
+from dmdd.models.dmdd import DMDD
 from dmdd.models.regional import RegionalGaussian, local_stats
 from dmdd.training.loop import fit, split_holdout
 
@@ -106,3 +107,28 @@ def test_an_unknown_value_is_a_config_error():
 
     with pytest.raises(ConfigError, match="regional_score"):
         Config().replace(model={"regional_score": "yes"})
+
+
+def test_both_teacher_gaussians_come_from_one_pass_equal_to_fitting_each_alone(tiny_tree):
+    """The engine fits the global and the regional Gaussians in one pass over the training images (each image
+    decoded and seen by the teacher once); the result is the same, to the bit, as two passes fitting one each."""
+    from dmdd.evaluation import fit_teacher_gaussians
+
+    cfg = tiny_config(tiny_tree).replace(model={"regional_score": "on"})
+    train, _ = split_holdout(load_category(tiny_tree).train, 0.25, 0)
+    torch.manual_seed(0)
+    together, alone = DMDD(cfg.model).eval(), DMDD(cfg.model).eval()
+    alone.load_state_dict(together.state_dict())
+    seen = []
+    real = together.teacher_features
+    together.teacher_features = lambda x: seen.append(len(x)) or real(x)
+    fitted = fit_teacher_gaussians(together, train, cfg, torch.device("cpu"))
+    assert set(fitted) == {"global", "regional"} and sum(seen) == len(train)  # every image once
+    assert fit_teacher_gaussians(alone, train, cfg, torch.device("cpu"), regional=False).keys() == {"global"}
+    assert alone.regional.gaussian_fitted == 0
+    assert fit_teacher_gaussians(alone, train, cfg, torch.device("cpu"), global_score=False).keys() == {"regional"}
+    state = together.state_dict()
+    fitted_keys = [k for k in state if k.startswith(("global_score.", "regional."))]
+    assert len(fitted_keys) > 6
+    for k in fitted_keys:
+        assert torch.equal(state[k], alone.state_dict()[k]), k

@@ -267,7 +267,7 @@ def test_minutes_budget_replans_as_the_step_time_settles_and_ends_within_it(tiny
 
     clock = FakeClock()
     real_loss, real_stats = objective.student_loss, engine.fit_map_statistics
-    real_global, real_calibrate = engine.fit_global_score, engine.calibrate
+    real_global, real_calibrate = engine.fit_teacher_gaussians, engine.calibrate
 
     def step_cost():
         clock.steps += 1
@@ -277,7 +277,7 @@ def test_minutes_budget_replans_as_the_step_time_settles_and_ends_within_it(tiny
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(objective, "student_loss", clock.timed(real_loss, step_cost))
         mp.setattr(engine, "fit_map_statistics", clock.timed(real_stats, 3.0))
-        mp.setattr(engine, "fit_global_score", clock.timed(real_global, 10.0))
+        mp.setattr(engine, "fit_teacher_gaussians", clock.timed(real_global, 10.0))
         mp.setattr(engine, "calibrate", clock.timed(real_calibrate, 6.0))
         start = clock.now
         payload = load_checkpoint(fit(cfg, tmp_path / "m", progress=False, clock=clock))

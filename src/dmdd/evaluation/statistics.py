@@ -99,42 +99,42 @@ def _feature_batches(model: DMDD, images: list[Record] | torch.Tensor, cfg: Conf
 
 
 @torch.inference_mode()
-def fit_regional_score(model: DMDD, records: list[Record], cfg: Config, device: torch.device, per_image: int = 24,
-                       batch_size: int = 16) -> dict[int, float]:  # fmt: skip
-    """Fit ``model.regional``'s Gaussians to ``per_image`` window vectors drawn at random positions of each of the
-    training images ``records`` (generator seeded by ``cfg.train.seed``; the teacher is frozen, so this needs no
-    training). Returns the Ledoit-Wolf shrinkage per stage."""
-    if model.regional is None:
+def fit_teacher_gaussians(model: DMDD, records: list[Record] | torch.Tensor, cfg: Config, device: torch.device,
+                          global_score: bool = True, regional: bool = True, per_image: int = 24,
+                          batch_size: int = 16) -> dict[str, object]:  # fmt: skip
+    """Fit the frozen teacher's Gaussians of the training images ``records`` in one pass over them (each image
+    decoded and seen by the teacher once; the teacher is frozen, so this needs no training):
+
+    - ``model.global_score``'s, to the pooled features of each image, with the standardisation of their distance
+      (out of sample); the map score's statistics follow in :func:`fit_map_statistics`;
+    - ``model.regional``'s, to ``per_image`` window vectors drawn at random positions of each image (generator seeded
+      by ``cfg.train.seed``, the only random draw here).
+
+    ``global_score`` / ``regional`` = False leaves that one alone. Returns the Ledoit-Wolf shrinkages:
+    ``{"global": [per stage], "regional": {stage: shrinkage}}`` for those fitted."""
+    fit_global = global_score and model.global_score is not None
+    fit_regional = regional and model.regional is not None
+    if not (fit_global or fit_regional):
         return {}
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(cfg.train.seed)
-    vectors: dict[int, list[torch.Tensor]] = {s: [] for s in model.regional.windows}
+    pooled: list[list[torch.Tensor]] = [[] for _ in model.global_score.stages] if fit_global else []
+    vectors: dict[int, list[torch.Tensor]] = {s: [] for s in model.regional.windows} if fit_regional else {}
     for batch in image_batches(records, cfg, batch_size):
         teacher = model.teacher_features(model.normalize(batch.to(device)))
-        for stage, v in model.regional.window_vectors(teacher).items():
-            pick = torch.randint(0, v.shape[1], (v.shape[0], per_image), generator=gen).to(v.device)
-            vectors[stage].append(torch.gather(v, 1, pick[..., None].expand(-1, -1, v.shape[2])).flatten(0, 1).cpu())
-    shrinkage = model.regional.fit({s: torch.cat(v) for s, v in vectors.items()})
-    model.train(was_training)
-    return shrinkage
-
-
-@torch.inference_mode()
-def fit_global_score(model: DMDD, records: list[Record], cfg: Config, device: torch.device, batch_size: int = 16):
-    """Fit ``model.global_score``'s Gaussians to the pooled teacher features of ``records`` (the training images;
-    the teacher is frozen, so this needs no training) and the standardisation of their distance (out of sample);
-    the map score's statistics follow in :func:`fit_map_statistics`.
-    Returns the Ledoit-Wolf shrinkage per stage."""
-    if model.global_score is None:
-        return []
-    was_training = model.training
-    model.eval()
-    pooled: list[list[torch.Tensor]] = [[] for _ in model.global_score.stages]
-    for batch in image_batches(records, cfg, batch_size):
-        feats = model.teacher_features(model.normalize(batch.to(device)))
-        for i, z in enumerate(model.global_score.pooled(feats)):
-            pooled[i].append(z.double().cpu())
-    shrinkages = model.global_score.fit([torch.cat(z) for z in pooled])  # on the CPU, in float64
+        if fit_global:
+            for i, z in enumerate(model.global_score.pooled(teacher)):
+                pooled[i].append(z.double().cpu())
+        if fit_regional:
+            for stage, v in model.regional.window_vectors(teacher).items():
+                pick = torch.randint(0, v.shape[1], (v.shape[0], per_image), generator=gen).to(v.device)
+                windows = torch.gather(v, 1, pick[..., None].expand(-1, -1, v.shape[2]))
+                vectors[stage].append(windows.flatten(0, 1).cpu())
+    shrinkages: dict[str, object] = {}
+    if fit_global:  # on the CPU, in float64
+        shrinkages["global"] = model.global_score.fit([torch.cat(z) for z in pooled])
+    if fit_regional:
+        shrinkages["regional"] = model.regional.fit({s: torch.cat(v) for s, v in vectors.items()})
     model.train(was_training)
     return shrinkages

@@ -85,11 +85,11 @@ class DMDD(nn.Module):
         # Per-map statistics of held-out good images (set by dmdd.evaluation.fit_map_statistics); identity until then.
         self.register_buffer("map_mean", torch.zeros(self.num_maps))
         self.register_buffer("map_std", torch.ones(self.num_maps))
-        # Image-level score from pooled teacher features (fitted by dmdd.evaluation.fit_global_score).
+        # Image-level score from pooled teacher features (fitted by dmdd.evaluation.fit_teacher_gaussians).
         self.global_score = None
         if cfg.global_score != "off":
             self.global_score = FeatureGaussian(backbone.channels, cfg.global_score, cfg.global_stages)
-        # Regional texture-statistics map (fitted by dmdd.evaluation.fit_regional_score; the engine resolves "auto").
+        # Regional texture-statistics map (fitted by dmdd.evaluation.fit_teacher_gaussians; the engine resolves "auto").
         self.regional = RegionalGaussian(backbone.channels) if cfg.regional_score != "off" else None
         # Where the object can be (fitted by the engine from the training foregrounds; "auto" is resolved there).
         self.support = ForegroundSupport(cfg.image_size) if cfg.foreground_support == "on" else None

@@ -31,7 +31,7 @@ from dmdd.data.synthesis import AnomalySynthesizer
 from dmdd.data.tiles import TileSpec
 from dmdd.device import select_device
 from dmdd.errors import ConfigError, DmddError, TrainingDivergedError
-from dmdd.evaluation import calibrate, fit_global_score, fit_map_statistics, fit_regional_score
+from dmdd.evaluation import calibrate, fit_map_statistics, fit_teacher_gaussians
 from dmdd.evaluation.predictions import preload_tiles
 from dmdd.evaluation.stages import statistics_inputs
 from dmdd.evaluation.thresholds import calibration_forwards, calibration_pairs
@@ -376,10 +376,10 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     fitted_on = train_records
     if tiles is not None:  # the Gaussians of tiles, as the model will see them
         fitted_on = preload_tiles(train_records, cfg)
-    if model.global_score is not None and not model.global_score.gaussian_fitted:  # the frozen teacher's, once
-        fit_global_score(model, fitted_on, cfg, device)
-    if model.regional is not None and not model.regional.gaussian_fitted:
-        fit_regional_score(model, fitted_on, cfg, device)
+    # the frozen teacher's Gaussians, once (kept by a resumed run), in one pass over the training images
+    fit_teacher_gaussians(model, fitted_on, cfg, device,
+                          global_score=model.global_score is not None and not model.global_score.gaussian_fitted,
+                          regional=model.regional is not None and not model.regional.gaussian_fitted)  # fmt: skip
     if model.support is not None and not model.support.fitted:  # where the training parts' foregrounds lie
         model.support.fit(np.stack(pairs.masks))
     calibration, forwards = None, 0
