@@ -259,7 +259,8 @@ class FakeClock:
 
 
 def test_minutes_budget_replans_as_the_step_time_settles_and_ends_within_it(tiny_tree, tmp_path):
-    """The budget covers everything: 10 s of setup (the global score's Gaussian), 3 slow first steps (15 s each, as
+    """The budget covers everything: 10 s of setup (7 s for the teacher's Gaussians, 3 s timing the statistics on the
+    held-out images, from which the first epoch's overhead and the final reserve are guessed), 3 slow first steps (15 s each, as
     while foregrounds are computed), 5 s steps after, 3 s of map statistics per epoch, 6 s of final calibration.
     The plan dmdd had before, fixed from the first epoch (3 steps in 48 s: int(90 / 48 * 3) = 5 steps), ended after
     77 s, 14 % short; re-planning after every epoch ends at the budget."""
@@ -277,7 +278,7 @@ def test_minutes_budget_replans_as_the_step_time_settles_and_ends_within_it(tiny
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(objective, "student_loss", clock.timed(real_loss, step_cost))
         mp.setattr(engine, "fit_map_statistics", clock.timed(real_stats, 3.0))
-        mp.setattr(engine, "fit_teacher_gaussians", clock.timed(real_global, 10.0))
+        mp.setattr(engine, "fit_teacher_gaussians", clock.timed(real_global, 7.0))
         mp.setattr(engine, "calibrate", clock.timed(real_calibrate, 6.0))
         start = clock.now
         payload = load_checkpoint(fit(cfg, tmp_path / "m", progress=False, clock=clock))
@@ -296,8 +297,8 @@ def test_minutes_budget_replans_as_the_step_time_settles_and_ends_within_it(tiny
 def test_minutes_budget_replans_inside_an_epoch_when_steps_slow_down(tiny_tree, tmp_path):
     """6 steps an epoch; steps take 5 s until the machine gets busy at step 10 (30 s each); 3 s of statistics per
     epoch, 6 s of calibration, a 120 s budget. Planned only at epoch ends, epoch 2 would run all 6 steps (15 + 90 s)
-    and the run would end after 147 s, 22 % over; re-planned after every step it stops after step 11 and ends at
-    117 s."""
+    and the run would end after 150 s, 25 % over; re-planned after every step it stops after step 11 and ends at
+    120 s (3 s of setup: the statistics timed before training)."""
     from dmdd.training import loop as engine
 
     clock = FakeClock()
@@ -314,11 +315,42 @@ def test_minutes_budget_replans_inside_an_epoch_when_steps_slow_down(tiny_tree, 
         mp.setattr(engine, "calibrate", clock.timed(real_calibrate, 6.0))
         start = clock.now
         payload = load_checkpoint(fit(cfg, tmp_path / "m", progress=False, clock=clock))
-    # epoch 1: 30 s + 3 s, plan 20 steps; after step 10 (78 s, 11.25 s a step this epoch) 2 more fit; after step 11
-    # (108 s, 15 s a step) none: the epoch ends, 111 s, and calibration brings the run to 117 s
+    # epoch 1: 3 s + 30 s + 3 s, plan 19 steps; after step 10 (81 s, 11.25 s a step this epoch) 2 more fit; after
+    # step 11 (111 s, 15 s a step) none: the epoch ends, 114 s, and calibration brings the run to 120 s
     assert [e["step"] for e in payload["history"]] == [6, 11] and payload["step"] == clock.steps == 11
-    assert [e["elapsed"] for e in payload["history"]] == [33.0, 111.0]
-    assert clock.now - start == 117.0
+    assert [e["elapsed"] for e in payload["history"]] == [36.0, 114.0]
+    assert clock.now - start == 120.0
+
+
+def test_minutes_budget_that_ends_inside_the_first_epoch_reserves_its_statistics_and_calibration(tiny_tree, tmp_path):
+    """A large training set or a short budget: the run must stop before its first epoch ends. 6 steps an epoch at
+    4 s, 10 s for the teacher's Gaussians, 3 s of statistics, 6 s of calibration, a 30 s budget. Before the first
+    epoch ended nothing had measured the statistics or the calibration, and a plan without them took 5 steps, to
+    30 s, and then 3 + 6 s more: 39 s, 30 % over. Timed on the held-out images before training (3 s: 1.5 s an
+    image), they are reserved from the first step on."""
+    from dmdd.training import loop as engine
+
+    clock = FakeClock()
+    real_loss, real_stats = objective.student_loss, engine.fit_map_statistics
+    real_global, real_calibrate = engine.fit_teacher_gaussians, engine.calibrate
+
+    def step_cost():
+        clock.steps += 1
+        return 4.0
+
+    cfg = tiny_config(tiny_tree, minutes=0.5, batch_size=1)  # 30 s; 6 training images: 6 steps an epoch
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(objective, "student_loss", clock.timed(real_loss, step_cost))
+        mp.setattr(engine, "fit_map_statistics", clock.timed(real_stats, 3.0))
+        mp.setattr(engine, "fit_teacher_gaussians", clock.timed(real_global, 10.0))
+        mp.setattr(engine, "calibrate", clock.timed(real_calibrate, 6.0))
+        start = clock.now
+        payload = load_checkpoint(fit(cfg, tmp_path / "m", progress=False, clock=clock))
+    # 13 s of setup; after step 1 (17 s): 30 - 17 - 6 (reserve) = 7 s hold this epoch's 3 s and one more step
+    (epoch,) = payload["history"]
+    assert epoch["step"] == payload["step"] == clock.steps == 2 and epoch["total_steps"] == 2
+    assert epoch["elapsed"] == 24.0  # 13 + 2 x 4 + 3
+    assert clock.now - start == 30.0  # and 6 s of calibration: the budget, to the second
 
 
 @pytest.mark.parametrize("seed", range(5))

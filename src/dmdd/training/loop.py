@@ -316,6 +316,22 @@ def fit(
         close_distributed(ctx)
 
 
+def statistics_seconds_per_image(model: DMDD, stats_images: list[Record] | torch.Tensor, cfg: Config,
+                                 device: torch.device, clock: Callable[[], float], probe: int = 8) -> float:  # fmt: skip
+    """Seconds the epoch-end statistics take per held-out image, timed on ``probe`` of them before training. A
+    minutes budget reserves the first epoch's statistics and the final calibration from it: without it, a budget
+    that ends inside the first epoch (a large training set, a short budget, a long setup) had nothing set aside for
+    them and overran. Measured values replace the guess after the first epoch. It includes the first forward's
+    warm-up, so it errs long. The model's buffers are restored (a resumed run keeps its fitted statistics)."""
+    subset = stats_images[:probe]
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    start = clock()
+    fit_map_statistics(model, subset, cfg, device)
+    seconds = (clock() - start) / max(1, len(subset))
+    model.load_state_dict(kept)
+    return seconds
+
+
 def resolve_regional_score(cfg: Config, policy: str) -> Config:
     """The ``auto`` parts that follow the synthesis' foreground ``policy``: ``model.regional_score`` becomes ``on``
     for a texture and ``off`` for an object, ``model.foreground_support`` ``on`` for an object on whole images and
@@ -386,18 +402,21 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     if ctx.is_main:  # decoded and foregrounds found now, so a --minutes budget can reserve just the model's time
         calibration = calibration_pairs(holdout or train_records, cfg)
         forwards = calibration_forwards(holdout or train_records, cfg)
+    measured: dict[str, float] = {}  # a minutes run's epoch overhead and final reserve: guessed, then measured
+    if cfg.train.minutes and not ctx.active:
+        per_image = statistics_seconds_per_image(model, stats_images, cfg, device, clock)
+        measured = {"overhead": per_image * len(stats_images), "reserve": per_image * forwards}
     batches = iter(loader)
     spent_before = state.history[-1].get("elapsed", 0.0) if state.history else 0.0  # earlier sessions (--resume)
     save_seconds = 0.0
     try:
         with _graceful_signals():
             epoch = state.epoch
-            measured: dict[str, float] = {}  # a minutes run's epoch overhead and final reserve, once measured
 
             def replan(taken: int) -> None:
                 """Inside an epoch, re-plan from this epoch's step time (one process only: every DDP rank must stop
                 at the same step, which the epoch-end plan gives them); before the first epoch has measured its
-                overhead, only stop when the next step would not fit at all."""
+                overhead and the final reserve, with those guessed before training."""
                 now = clock()
                 state.total_steps = steps_for_budget(
                     cfg.train.minutes * 60, spent_before + now - run_start, (now - start) / taken,
