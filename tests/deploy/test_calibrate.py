@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
+from scipy import stats
 from fastapi.testclient import TestClient
 
 from dmdd.checkpoint import config_of, load_checkpoint, restore_model
@@ -20,7 +21,8 @@ from dmdd.deploy.predict import Predictor
 from dmdd.deploy.serve import ServeSettings, create_app
 from dmdd.evaluation.labelled import rule_threshold
 from dmdd.evaluation.predictions import predict_split
-from dmdd.training.loop import fit
+from dmdd.data import load_category
+from dmdd.training.loop import fit, split_holdout
 
 RULE = "recall-at-fpr=0.5"  # 3 good images: one may lie above; the threshold sits mid-gap, away from any score
 
@@ -58,7 +60,16 @@ def test_calibrate_stores_the_rules_threshold_with_provenance(ckpt, tiny_tree, c
     test = tiny_tree / "test"
     records = folder_test_records({"good": test / "good", "scratch": test / "scratch", "spots": test / "spot"})
     p = predict_split(model, records, config_of(payload), torch.device("cpu"))
-    assert stored["image"] == rule_threshold(p.scores[p.labels == 0], p.scores[p.labels == 1], "recall-at-fpr", 0.5)
+    # training stored its held-out good images' scores; they join the labelled good ones unless those score higher
+    held = np.asarray(before["normal"]["scores"])
+    _, holdout = split_holdout(load_category(tiny_tree).train, 0.25, 0)
+    np.testing.assert_allclose(held, predict_split(model, holdout, config_of(payload), torch.device("cpu")).scores,
+                               rtol=0, atol=1e-3)  # fmt: skip (decoded by the pairs, not the test loader)
+    p_value = stats.mannwhitneyu(p.scores[p.labels == 0], held, alternative="greater").pvalue
+    assert lab["held_out_good"] == {"count": len(holdout), "p_value": p_value, "pooled": bool(p_value >= 0.05)}
+    good = np.r_[p.scores[p.labels == 0], held] if p_value >= 0.05 else p.scores[p.labels == 0]
+    assert stored["image"] == rule_threshold(good, p.scores[p.labels == 1], "recall-at-fpr", 0.5)
+    assert ("held-out good training images" in printed) and len(holdout) == 2
     assert stored["mode"] == "labelled" and stored["unlabelled"] == {k: before[k] for k in ("image", "pixel", "mode")}
     assert stored["normal"] == before["normal"]  # training's operating points stay
     # the spot images, renamed "spots", find no mask folder of that name: the pixel threshold uses the two that do

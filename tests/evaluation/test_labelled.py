@@ -172,3 +172,47 @@ def test_labelled_thresholds_keep_trainings_beside_them_and_reset_goes_back():
     assert "labelled" not in back and describe(back).startswith("normal: 1 % false-alarm target on 21")
     with pytest.raises(DmddError, match="no labelled thresholds"):
         without_labelled(back, "x.pt")
+
+
+def test_held_out_good_images_join_the_labelled_ones_unless_those_score_higher():
+    """The pooling decision is a one-sided Mann-Whitney test, checked against an exact count of the pairs: with 8 vs
+    12 untied scores the U statistic is the number of (labelled, held-out) pairs where the labelled one is higher."""
+    from dmdd.evaluation.labelled import POOL_ALPHA, pool_held_out
+
+    rng = np.random.default_rng(4)
+    held = rng.normal(0.0, 1.0, 12)
+    same, shifted = rng.normal(0.0, 1.0, 8), rng.normal(3.0, 1.0, 8)
+    for labelled, expect in ((same, True), (shifted, False)):
+        pool = pool_held_out(labelled, held, "fpr")
+        u = sum(int(a > b) for a in labelled for b in held)
+        exact = stats.mannwhitneyu(labelled, held, alternative="greater", method="exact")
+        assert exact.statistic == u and abs(pool["p_value"] - exact.pvalue) < 1e-12
+        assert pool["pooled"] is expect and (pool["p_value"] >= POOL_ALPHA) is expect and pool["count"] == 12
+    assert pool_held_out(same, held, "f1") is None and pool_held_out(same, None, "fpr") is None
+
+
+def test_pooled_held_out_images_set_the_false_alarm_rules_and_every_fold_of_the_estimate():
+    from dmdd.evaluation.labelled import labelled_thresholds
+
+    rng = np.random.default_rng(5)
+    labels = np.r_[np.zeros(10, int), np.ones(10, int)]
+    scores = np.r_[rng.normal(0, 1, 10), rng.normal(3, 1, 10)]
+    held = rng.normal(0, 1, 50)
+    with pytest.raises(DmddError, match="cannot be met with 10 good"):  # 10 good images alone cannot promise 5 %
+        labelled_thresholds(scores, labels, "fpr=0.05")
+    out = labelled_thresholds(scores, labels, "fpr=0.05", held_out=held)
+    assert out["held_out_good"]["pooled"] and out["held_out_good"]["count"] == 50
+    pooled = np.r_[scores[labels == 0], held]
+    assert out["image"] == brute_force(pooled, scores[labels == 1], "fpr", 0.05)
+    flagged = []  # leave-one-out: every fold keeps all 50 held-out scores
+    for i in range(scores.size):
+        rest = np.delete(np.arange(scores.size), i)
+        good = np.r_[scores[rest][labels[rest] == 0], held]
+        flagged.append(scores[i] >= rule_threshold(good, scores[rest][labels[rest] == 1], "fpr", 0.05))
+    flagged = np.array(flagged)
+    assert out["estimate"]["recall"] == flagged[labels == 1].mean()
+    assert out["estimate"]["false_alarm_rate"] == flagged[labels == 0].mean()
+    # held-out images that score far lower (parts changed since training) are left out; f1 never pools
+    assert not labelled_thresholds(scores, labels, "fpr=0.1", held_out=held - 5)["held_out_good"]["pooled"]
+    f1 = labelled_thresholds(scores, labels, "f1", held_out=held)
+    assert f1["held_out_good"] is None and f1["image"] == brute_force(scores[labels == 0], scores[labels == 1], "f1", None)

@@ -12,6 +12,13 @@ Rules (``score >= threshold`` is a reject):
 - ``recall-at-fpr=X``: the same false-alarm limit, with the threshold placed half-way between that good score and
   the next reject above it: the labelled recall is the same, with room on both sides for parts not seen yet.
 
+Known good parts are few, and 10 of them cannot set a false-alarm rate under 1/11. The run's held-out good training
+images are known good parts too: for the ``fpr`` rules they join the labelled good images when a one-sided
+Mann-Whitney test (level ``POOL_ALPHA``) does not find the labelled good images scoring higher than them. A line
+whose good parts have drifted since training (another capture, another lighting) shows up as labelled good images
+scoring higher, and then only the labelled ones count. ``f1`` weighs good against defective images and stays on
+the labelled ones.
+
 The estimate is cross-validated: each labelled image is decided by the threshold the rule sets on the other
 images (leave-one-out up to 60 images, else 10 folds stratified by label), and recall and false-alarm rate come with
 95 % Wilson intervals, which say how little ten images prove. With masks, the pixel threshold is the pixel F1-max
@@ -35,6 +42,26 @@ from dmdd.errors import DmddError
 
 RULES = ("f1", "fpr", "recall-at-fpr")
 LEAVE_ONE_OUT_MAX = 60
+POOL_ALPHA = 0.05  # the held-out good images join unless the labelled good ones score higher at this level
+
+
+def stored_held_out_scores(thresholds: dict[str, Any] | None) -> np.ndarray | None:
+    """The held-out good training images' scores training stored with its thresholds (``None`` in checkpoints
+    written before they were stored, or when no image was held out)."""
+    scores = ((thresholds or {}).get("normal") or {}).get("scores")
+    return None if scores is None else np.asarray(scores, np.float64)
+
+
+def pool_held_out(labelled_good: np.ndarray, held_out: np.ndarray | None, rule: str) -> dict[str, Any] | None:
+    """Whether the held-out good training images join the labelled good ones for the rule's threshold: ``None``
+    when there are none or the rule is ``f1``; else ``{"count", "p_value", "pooled"}`` (one-sided Mann-Whitney U
+    test of "labelled good scores are higher"; pooled unless ``p_value < POOL_ALPHA``)."""
+    from scipy.stats import mannwhitneyu
+
+    if rule == "f1" or held_out is None or len(held_out) == 0 or len(labelled_good) == 0:
+        return None
+    p = float(mannwhitneyu(labelled_good, held_out, alternative="greater").pvalue)
+    return {"count": int(len(held_out)), "p_value": p, "pooled": p >= POOL_ALPHA}
 
 
 def parse_rule(text: str) -> tuple[str, float | None]:
@@ -93,8 +120,9 @@ def _too_few_good(good: int, rule: str, rate: float) -> str:
             f"or use {rule}={1 / (good + 1):.3g} or --rule f1")  # fmt: skip
 
 
-def check_rule(good: int, bad: int, rule: str, rate: float | None) -> None:
-    """Refuse what the labelled images cannot support, with the reason and what to do."""
+def check_rule(good: int, bad: int, rule: str, rate: float | None, held_out_good: int = 0) -> None:
+    """Refuse what the labelled images (and ``held_out_good`` pooled held-out good images) cannot support, with the
+    reason and what to do."""
     if good == 0 or bad == 0:
         missing = "good" if good == 0 else "defective"
         raise DmddError(f"calibration needs labelled good AND defective images; no {missing} image was given "
@@ -102,8 +130,8 @@ def check_rule(good: int, bad: int, rule: str, rate: float | None) -> None:
     if good + bad < 3:
         raise DmddError(f"calibration needs at least 3 labelled images (got {good + bad}): with one image per class "
                         "nothing can be held out to estimate what the threshold will do")  # fmt: skip
-    if rule != "f1" and allowed_above(good, rate) < 0:
-        raise DmddError(_too_few_good(good, rule, rate))
+    if rule != "f1" and allowed_above(good + held_out_good, rate) < 0:
+        raise DmddError(_too_few_good(good + held_out_good, rule, rate))
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -129,16 +157,19 @@ def folds(labels: np.ndarray, seed: int = 0) -> list[np.ndarray]:
     return [np.flatnonzero(assignment == k) for k in range(10)]
 
 
-def cross_validated(scores: np.ndarray, labels: np.ndarray, rule: str, rate: float | None) -> dict[str, Any]:
+def cross_validated(scores: np.ndarray, labels: np.ndarray, rule: str, rate: float | None,
+                    extra_good: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
     """Each image decided by the threshold the rule sets without it; recall and false-alarm rate with intervals.
+    ``extra_good`` (pooled held-out good scores) join the good images of every fold.
 
     A fold whose remaining good images are too few for the rule's rate decides by the highest of them (the
     strictest threshold the good images allow), so the estimate exists wherever the calibration itself does.
     """
     flagged = np.zeros(labels.size, bool)
+    extra = np.empty(0) if extra_good is None else np.asarray(extra_good, np.float64)
     for held in folds(labels):
         rest = np.setdiff1d(np.arange(labels.size), held)
-        good, bad = scores[rest][labels[rest] == 0], scores[rest][labels[rest] == 1]
+        good, bad = np.r_[scores[rest][labels[rest] == 0], extra], scores[rest][labels[rest] == 1]
         if good.size == 0 or bad.size == 0:  # the fold took a whole class: decide by the other class alone
             t = np.nextafter(good.max(), np.inf) if good.size else bad.min()
         elif rule != "f1" and allowed_above(good.size, rate) < 0:
@@ -155,7 +186,8 @@ def cross_validated(scores: np.ndarray, labels: np.ndarray, rule: str, rate: flo
 
 def labelled_thresholds(scores: np.ndarray, labels: np.ndarray, rule_text: str,
                         maps: np.ndarray | None = None, masks: np.ndarray | None = None,
-                        known_pixels: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
+                        known_pixels: np.ndarray | None = None,
+                        held_out: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
     """The thresholds a rule sets on labelled images, and what they do there and (cross-validated) on new images.
 
     Args:
@@ -163,19 +195,25 @@ def labelled_thresholds(scores: np.ndarray, labels: np.ndarray, rule_text: str,
         rule_text: ``f1``, ``fpr=X`` or ``recall-at-fpr=X``.
         maps, masks: (N, H, W) anomaly maps and ground truth, for the pixel threshold (optional).
         known_pixels: (N,) which images' pixels are known (good images always; defective ones with a mask).
+        held_out: scores of the run's held-out good training images: pooled with the labelled good images for the
+            ``fpr`` rules where :func:`pool_held_out` allows (optional).
     """
     from dmdd.evaluation import metrics
 
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(int)
     rule, rate = parse_rule(rule_text)
-    check_rule(int((labels == 0).sum()), int((labels == 1).sum()), rule, rate)
-    image = rule_threshold(scores[labels == 0], scores[labels == 1], rule, rate)
+    pool = pool_held_out(scores[labels == 0], held_out, rule)
+    extra = np.asarray(held_out, np.float64) if pool and pool["pooled"] else None
+    n_extra = 0 if extra is None else extra.size
+    check_rule(int((labels == 0).sum()), int((labels == 1).sum()), rule, rate, n_extra)
+    good = scores[labels == 0] if extra is None else np.r_[scores[labels == 0], extra]
+    image = rule_threshold(good, scores[labels == 1], rule, rate)
     flagged = scores >= image
     out: dict[str, Any] = {
-        "rule": rule_text, "image": image, "pixel": None, "pixel_source": None,
+        "rule": rule_text, "image": image, "pixel": None, "pixel_source": None, "held_out_good": pool,
         "on_labelled": {"recall": float(flagged[labels == 1].mean()),
                         "false_alarm_rate": float(flagged[labels == 0].mean())},
-        "estimate": cross_validated(scores, labels, rule, rate),
+        "estimate": cross_validated(scores, labels, rule, rate, extra),
         "image_auroc": metrics.auroc(labels, scores),
     }  # fmt: skip
     if maps is not None and masks is not None:
@@ -231,8 +269,10 @@ def describe(thresholds: dict[str, Any] | None) -> str:
         stages = lab.get("stages") or {}
         maps = (f"; map of stages {', '.join(map(str, stages['fused_stages']))} (chosen on their masks)"
                 if stages.get("chosen", "all") != "all" else "")  # fmt: skip
+        pool = lab.get("held_out_good") or {}
+        pooled = f" and {pool['count']} held-out good training images" if pool.get("pooled") else ""
         return (f"labelled: rule {lab['rule']} on {lab['good_images']} good + {lab['defective_images']} defective "
-                f"images ({lab['date'][:10]}){maps}")  # fmt: skip
+                f"images{pooled} ({lab['date'][:10]}){maps}")  # fmt: skip
     if mode == "normal":
         normal = thresholds.get("normal") or {}
         method = {"tail": ", fitted tail: too few for a quantile"}.get(normal.get("method"), "")
@@ -291,8 +331,8 @@ def calibrate_checkpoint(checkpoint: str | Path, normal_dir: str | Path | None, 
     records = folder_test_records({**abnormal_dirs, "good": Path(normal_dir)}, Path(mask_dir) if mask_dir else None)
     records, warnings = _decodable(records, cfg.model.image_size, cfg.model.resize)
     labels = [int(r.label) for r in records]
-    rule, rate = parse_rule(rule_text)
-    check_rule(labels.count(0), labels.count(1), rule, rate)
+    rule, _ = parse_rule(rule_text)
+    check_rule(labels.count(0), labels.count(1), "f1", None)  # the rate is checked once held-out images may join
     masks = sum(r.mask is not None for r in records)
     base, stage_report = payload.get("thresholds"), None
     if choose_stages:
@@ -305,7 +345,17 @@ def calibrate_checkpoint(checkpoint: str | Path, normal_dir: str | Path | None, 
         base = calibrate(model, holdout, cfg, device)  # training's good-image thresholds, for the chosen map
     else:
         p = predict_split(model, records, cfg, device)
-    labelled = labelled_thresholds(p.scores, p.labels, rule_text, p.maps, p.masks, p.pixel_labelled())
+    held = None
+    if rule != "f1":
+        held = stored_held_out_scores(base)
+        if held is None and cfg.train.holdout_fraction > 0:  # written before the scores were stored: score them
+            try:
+                held = predict_split(model, stages.training_holdout(cfg, data_root), cfg, device).scores
+            except DmddError:
+                warnings.append(f"note: the run's held-out good training images were not found under "
+                                f"{data_root or cfg.data.root} (--data-root DIR); only the labelled good images set "
+                                f"the threshold")  # fmt: skip
+    labelled = labelled_thresholds(p.scores, p.labels, rule_text, p.maps, p.masks, p.pixel_labelled(), held)
     if stage_report is not None:
         labelled["stages"] = stage_report
     files = {str(r.image): digest(Path(r.image).read_bytes()) for r in records}
@@ -380,6 +430,7 @@ def summary(report: dict[str, Any]) -> str:
         f"pixel threshold {report['thresholds']['pixel']:.6g}"
         + (f" ({lab['pixel_source']})" if lab["pixel_source"] else " (training's: no masks given)"),
         *_stage_lines(lab.get("stages")),
+        *_held_out_lines(lab.get("held_out_good")),
         f"on the labelled images: recall {pct(on['recall'])}, false alarms {pct(on['false_alarm_rate'])}",
         f"expected on new parts ({est['method']}, 95 % interval): recall {pct(est['recall'])} "
         f"{ci(est['recall_95ci'])}, false alarms {pct(est['false_alarm_rate'])} {ci(est['false_alarm_95ci'])}",
@@ -389,6 +440,16 @@ def summary(report: dict[str, Any]) -> str:
                      "are what they can promise. Label more parts to narrow them.")  # fmt: skip
     lines.append("written to the checkpoint" if report["written"] else "dry run: the checkpoint is unchanged")
     return "\n".join(lines)
+
+
+def _held_out_lines(pool: dict[str, Any] | None) -> list[str]:
+    if not pool:
+        return []
+    if pool["pooled"]:
+        return [f"good images: the labelled ones and {pool['count']} held-out good training images (their scores do "
+                f"not differ: Mann-Whitney p = {pool['p_value']:.2g})"]  # fmt: skip
+    return [f"good images: the labelled ones only; they score higher than the {pool['count']} held-out good training "
+            f"images (Mann-Whitney p = {pool['p_value']:.2g}): the parts may have changed since training"]  # fmt: skip
 
 
 def _stage_lines(report: dict[str, Any] | None) -> list[str]:

@@ -86,8 +86,10 @@ def calibration_forwards(records: list[Record], cfg: Config) -> int:
 
 @torch.inference_mode()
 def calibrate(model: DMDD, records: list[Record], cfg: Config, device: torch.device,
-              pairs: PairDataset | None = None) -> dict[str, Any]:  # fmt: skip
+              pairs: PairDataset | None = None, held_out: bool = True) -> dict[str, Any]:  # fmt: skip
     """Image and pixel thresholds from held-out good training images (and synthetic anomalies made from them).
+    With ``held_out`` (``records`` were not trained on) their image scores are stored too (``normal.scores``):
+    ``dmdd calibrate`` pools them with labelled good images (:mod:`dmdd.evaluation.labelled`).
 
     No test image or label is involved. Both operating points are computed and stored; ``cfg.train.threshold_mode``
     picks the one used by default:
@@ -122,6 +124,8 @@ def calibrate(model: DMDD, records: list[Record], cfg: Config, device: torch.dev
     image_t, method = normal_threshold_method(normal_s, t.target_fpr)
     by_normal = {"image": image_t, "method": method, "pixel": normal_threshold(normal_m, t.pixel_target_fpr),
                  "target_fpr": t.target_fpr, "pixel_target_fpr": t.pixel_target_fpr}  # fmt: skip
+    if held_out:
+        by_normal["scores"] = [float(x) for x in normal_s]
     if method != "quantile":
         by_normal["note"] = (
             f"{normal_s.size} held-out good image(s) cannot set a {100 * t.target_fpr:g} % false-alarm rate by a "

@@ -480,7 +480,7 @@ def _fit(cfg: Config, out: Path, category: Category | None, resume: bool, progre
     if ctx.is_main:
         with _weights_for_maps(average, guard) as extra:
             # Thresholds from held-out normal training images (all training images when none are held out).
-            thresholds = calibrate(model, holdout or train_records, cfg, device, calibration)
+            thresholds = calibrate(model, holdout or train_records, cfg, device, calibration, held_out=bool(holdout))
             if thresholds["normal"].get("note"):
                 print(f"dmdd: {thresholds['normal']['note']}", file=sys.stderr)
             save_state(ckpt_path, cfg, model, student_opt, seg_opt, state, thresholds=thresholds, **extra)

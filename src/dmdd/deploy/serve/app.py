@@ -31,7 +31,14 @@ from dmdd.data.io import IMAGE_SUFFIXES, MAX_DECODE_PIXELS, decode_image, list_i
 from dmdd.deploy.serve.jobs import JobBusy, JobRunner, TrainingJob
 from dmdd.deploy.serve.models import Registry, ServedModel
 from dmdd.errors import DmddError, ImageReadError, ImageTooLargeError
-from dmdd.evaluation.labelled import describe, digest, labelled_thresholds, provenance, with_labelled
+from dmdd.evaluation.labelled import (
+    describe,
+    digest,
+    labelled_thresholds,
+    provenance,
+    stored_held_out_scores,
+    with_labelled,
+)
 from dmdd.evaluation.visualize import threshold_overlay
 
 STATIC = Path(__file__).parent / "static"
@@ -328,7 +335,8 @@ async def calibrate(
             labels.append(label)
     scores = np.array([s.score for s in chosen.score([im for _, im in named])]) if named else np.zeros(0)
     try:
-        labelled = labelled_thresholds(scores, np.array(labels, int), rule)
+        held = stored_held_out_scores(chosen.stored_thresholds()) if chosen.runtime == "pytorch" else None
+        labelled = labelled_thresholds(scores, np.array(labels, int), rule, held_out=held)
     except DmddError as exc:
         raise HTTPException(400, str(exc)) from None
     labelled |= provenance(files, labels, 0, f"dmdd serve, model {chosen.name}")
