@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
-from scipy import stats
 from fastapi.testclient import TestClient
+from scipy import stats
 
 from dmdd.checkpoint import config_of, load_checkpoint, restore_model
 from dmdd.cli import main
+from dmdd.data import load_category
 from dmdd.deploy.predict import Predictor
 from dmdd.deploy.serve import ServeSettings, create_app
 from dmdd.evaluation.labelled import rule_threshold
 from dmdd.evaluation.predictions import predict_split
-from dmdd.data import load_category
 from dmdd.training.loop import fit, split_holdout
 
 RULE = "recall-at-fpr=0.5"  # 3 good images: one may lie above; the threshold sits mid-gap, away from any score
