@@ -2,9 +2,11 @@
 and the good-images-only calibration from held-out sets of a few images.
 
 1. Labelled: ``--draws`` times, ``--labelled`` good and ``--labelled`` defective test images are drawn (seeded); each
-   rule of ``--rules`` sets the threshold on them; the rest of the test split measures recall and false alarms,
+   rule of ``--rules`` sets the threshold on them as ``dmdd calibrate`` does (the false-alarm rules pool the
+   checkpoint's held-out good training images where the labelled good ones do not score higher; a second row per
+   such rule uses the labelled good images alone); the rest of the test split measures recall and false alarms,
    beside the best recall any threshold allows at the same false-alarm rate on the same rest, and beside the
-   cross-validated estimate ``dmdd calibrate`` prints from the drawn images alone.
+   cross-validated estimate ``dmdd calibrate`` prints from the drawn images.
 2. Good images only: held-out good training images (the checkpoint's own split) are subsampled to each of
    ``--holdout-sizes``; the 1 % threshold is set by the quantile where the sample allows one and otherwise by the
    maximum (before) or, now, a normal tail fitted to the scores (dmdd.evaluation.thresholds); false alarms and
@@ -32,7 +34,7 @@ from common import checkpoint_parser, open_checkpoint
 from dmdd.data import load_category
 from dmdd.device import select_device
 from dmdd.evaluation import metrics
-from dmdd.evaluation.labelled import cross_validated, parse_rule, rule_threshold
+from dmdd.evaluation.labelled import labelled_thresholds, parse_rule
 from dmdd.evaluation.predictions import predict_split
 from dmdd.evaluation.stages import ALL, choose, labelled_pixel_auroc, stage_candidates, statistics_inputs, use_stages
 from dmdd.evaluation.thresholds import best_detection_at, normal_threshold_method
@@ -52,25 +54,29 @@ def draw_labelled(labels: np.ndarray, per_class: int, seed: int, draw: int) -> t
 
 
 def labelled_study(scores: np.ndarray, labels: np.ndarray, rules: list[str], per_class: int, draws: int,
-                   seed: int) -> list[dict]:  # fmt: skip
+                   seed: int, held: np.ndarray | None = None) -> list[dict]:  # fmt: skip
+    """Part 1; ``held``: the held-out good training images' scores (``dmdd calibrate`` pools them)."""
     rows = []
     for rule_text in rules:
-        rule, rate = parse_rule(rule_text)
-        seen: dict[str, list[float]] = {k: [] for k in ("recall", "fa", "best", "est_recall", "est_fa")}
-        for draw in range(draws):
-            pick, rest = draw_labelled(labels, per_class, seed, draw)
-            s, y = scores[pick], labels[pick]
-            t = rule_threshold(s[y == 0], s[y == 1], rule, rate)
-            good_rest, bad_rest = scores[rest][labels[rest] == 0], scores[rest][labels[rest] == 1]
-            fa = float((good_rest >= t).mean())
-            seen["recall"].append(float((bad_rest >= t).mean()))
-            seen["fa"].append(fa)
-            seen["best"].append(best_detection_at(good_rest, bad_rest, fa))
-            est = cross_validated(s, y, rule, rate)
-            seen["est_recall"].append(est["recall"])
-            seen["est_fa"].append(est["false_alarm_rate"])
-        rows.append({"rule": rule_text, "labelled": f"{per_class}+{per_class}", "draws": draws,
-                     **{k: mean_sd(v) for k, v in seen.items()}})  # fmt: skip
+        rule, _ = parse_rule(rule_text)
+        for goods in ("labelled", "labelled only") if rule != "f1" and held is not None else ("labelled",):
+            seen: dict[str, list[float]] = {k: [] for k in ("recall", "fa", "best", "est_recall", "est_fa")}
+            pooled = 0
+            for draw in range(draws):
+                pick, rest = draw_labelled(labels, per_class, seed, draw)
+                out = labelled_thresholds(scores[pick], labels[pick], rule_text,
+                                          held_out=held if goods == "labelled" else None)  # fmt: skip
+                pooled += bool((out["held_out_good"] or {}).get("pooled"))
+                t = out["image"]
+                good_rest, bad_rest = scores[rest][labels[rest] == 0], scores[rest][labels[rest] == 1]
+                fa = float((good_rest >= t).mean())
+                seen["recall"].append(float((bad_rest >= t).mean()))
+                seen["fa"].append(fa)
+                seen["best"].append(best_detection_at(good_rest, bad_rest, fa))
+                seen["est_recall"].append(out["estimate"]["recall"])
+                seen["est_fa"].append(out["estimate"]["false_alarm_rate"])
+            rows.append({"rule": rule_text, "labelled": f"{per_class}+{per_class}", "draws": draws,
+                         "goods": goods, "pooled": pooled, **{k: mean_sd(v) for k, v in seen.items()}})  # fmt: skip
     return rows
 
 
@@ -96,12 +102,15 @@ def normal_only_study(holdout: np.ndarray, scores: np.ndarray, labels: np.ndarra
 
 
 def stage_study(model, cfg, holdout, test_records, device, rules: list[str], per_class: int, draws: int,
-                seed: int) -> dict:  # fmt: skip
-    """Part 3: the labelled images of each draw choose the map; the rest measures it against all stages."""
+                seed: int, pooled_holdout: bool = True) -> dict:  # fmt: skip
+    """Part 3: the labelled images of each draw choose the map; the rest measures it against all stages. The rules
+    pool the held-out good images scored with the chosen map (``pooled_holdout``: they were not trained on)."""
     stats_images = statistics_inputs(holdout, cfg)
-    runs = {}
+    runs, held = {}, {}
     for name, stages in stage_candidates(cfg).items():
-        runs[name] = predict_split(model, test_records, use_stages(model, cfg, stages, stats_images, device), device)
+        candidate = use_stages(model, cfg, stages, stats_images, device)
+        runs[name] = predict_split(model, test_records, candidate, device)
+        held[name] = predict_split(model, holdout, candidate, device).scores if pooled_holdout else None
         print(f"candidate {name}: pixel AUROC {labelled_pixel_auroc(runs[name]):.4f}", flush=True)
     use_stages(model, cfg, None, stats_images, device)
     labels = runs[ALL].labels
@@ -126,7 +135,7 @@ def stage_study(model, cfg, holdout, test_records, device, rules: list[str], per
         p = runs[name]
         s, y = p.scores[pick], labels[pick]
         for rule_text in rules:
-            t = rule_threshold(s[y == 0], s[y == 1], *parse_rule(rule_text))
+            t = labelled_thresholds(s, y, rule_text, held_out=held[name])["image"]
             per_rule[rule_text]["recall"].append(float((p.scores[rest][labels[rest] == 1] >= t).mean()))
             per_rule[rule_text]["fa"].append(float((p.scores[rest][labels[rest] == 0] >= t).mean()))
         print(f"draw {draw}: {name}; rest pixel AUROC {per_variant['chosen'][-1]['pixel_auroc']:.4f} "
@@ -169,18 +178,19 @@ def main() -> int:
                                                                    test.scores[test.labels == 1], fa)
                                         for fa in (0.01, 0.05, 0.1)},
         "labelled": labelled_study(test.scores, test.labels, args.rules.split(","), args.labelled, args.draws,
-                                   args.seed),
+                                   args.seed, held if holdout else None),
         "normal_only": normal_only_study(held, test.scores, test.labels,
                                          [int(s) for s in args.holdout_sizes.split(",")], args.target_fpr,
                                          args.draws, args.seed),
     }  # fmt: skip
     if args.choose_stages:
         result["stages"] = stage_study(model, cfg, holdout or category.train, category.test, device,
-                                       args.rules.split(","), args.labelled, args.draws, args.seed)  # fmt: skip
+                                       args.rules.split(","), args.labelled, args.draws, args.seed,
+                                       pooled_holdout=bool(holdout))  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for row in result["labelled"]:
-        print(f"{row['rule']:>18}: recall {row['recall']['mean']:.3f}±{row['recall']['sd']:.3f} "
+        print(f"{row['rule']:>18} ({row['goods']}, pooled {row['pooled']}): recall {row['recall']['mean']:.3f}±{row['recall']['sd']:.3f} "
               f"fa {row['fa']['mean']:.3f}±{row['fa']['sd']:.3f} best {row['best']['mean']:.3f} "
               f"(estimated {row['est_recall']['mean']:.3f} / {row['est_fa']['mean']:.3f})")  # fmt: skip
     for row in result["normal_only"]:
