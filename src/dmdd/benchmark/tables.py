@@ -245,8 +245,10 @@ def labelled_table(data: dict[str, Any]) -> str:
     for r in data["labelled"]:
         estimate = f"{100 * r['est_recall']['mean']:.1f} / {100 * r['est_fa']['mean']:.1f}"
         goods = r.get("goods", "labelled only")  # files written before held-out images were pooled
-        if goods == "labelled" and not r["rule"].startswith("f1"):
-            goods = f"+ held-out in {r['pooled']} draws"
+        if r["rule"] == "f1":  # f1 never pools
+            goods = "labelled only"
+        elif goods == "labelled":
+            goods = f"labelled + held-out in {r['pooled']} draws"
         cells = [r["rule"], r["labelled"], goods, r["draws"], _mean_sd(r["recall"]), _mean_sd(r["fa"]),
                  _mean_sd(r["best"])]  # fmt: skip
         lines.append("| " + " | ".join(map(str, [*cells, estimate])) + " |")
