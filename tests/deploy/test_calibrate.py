@@ -346,3 +346,26 @@ def test_a_map_of_chosen_stages_exports_to_onnx_with_the_same_maps(ckpt, tiny_tr
     assert model.fused is not None
     report = export_onnx(model, ckpt.parent / "m.onnx", payload["thresholds"])  # raises when the maps differ
     assert report["max_abs_diff"] < 1e-4
+
+
+def test_a_checkpoint_without_held_out_scores_scores_them_again_or_says_it_cannot(ckpt, tiny_tree, tmp_path, capsys):
+    """Checkpoints written before training stored the held-out scores: the false-alarm rules score the held-out images
+    again from the training data (--data-root where it moved); where it cannot be read, the labelled good images
+    alone set the threshold and the output says so."""
+    from dmdd.checkpoint import save_checkpoint
+
+    payload = load_checkpoint(ckpt)
+    stored = payload["thresholds"]["normal"].pop("scores")
+    save_checkpoint(ckpt, payload)
+    moved = tmp_path / "moved"
+    assert main(["calibrate", str(ckpt), *labelled_args(tiny_tree), "--rule", RULE, "--data-root", str(moved),
+                 "--json"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert report["thresholds"]["labelled"]["held_out_good"] is None
+    assert any("held-out good training images were not found" in w for w in report["warnings"])
+    shutil.copytree(tiny_tree, moved)
+    assert main(["calibrate", str(ckpt), *labelled_args(tiny_tree), "--rule", RULE, "--data-root", str(moved),
+                 "--json"]) == 0  # fmt: skip
+    pool = json.loads(capsys.readouterr().out)["thresholds"]["labelled"]["held_out_good"]
+    good = load_checkpoint(ckpt)["thresholds"]["labelled"]
+    assert pool["count"] == len(stored) == 2 and good["held_out_good"] == pool
