@@ -571,3 +571,25 @@ def test_step_log_records_every_student_step_with_the_gradient_against_adams_mom
     names = {n for n, _ in restore_model(tmp_path / "run" / "last.pt")[0].named_parameters()}
     assert all(r["ratio_max"] > 0 and r["ratio_tensor"] in names for r in records[1:])
     assert all(r["grad_norm"] > 0 and 0 < r["anomaly_area"] < 1 and r["loss"] > 0 for r in records)
+
+
+def test_timing_the_statistics_before_training_leaves_the_models_buffers_as_they_were(tiny_tree, tmp_path):
+    """A resumed --minutes run times the statistics on a few held-out images; its fitted statistics must survive."""
+    from dmdd.checkpoint import restore_model
+    from dmdd.evaluation.stages import statistics_inputs
+    from dmdd.training.loop import statistics_seconds_per_image
+
+    model, payload = restore_model(fit(tiny_config(tiny_tree), tmp_path / "r", progress=False))
+    model.map_std.mul_(2.0)  # statistics a refit on the same images would not give back
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, holdout = split_holdout(load_category(tiny_tree).train, 0.25, 0)
+    clock = FakeClock()
+    with pytest.MonkeyPatch.context() as mp:
+        from dmdd.training import loop as engine
+
+        mp.setattr(engine, "fit_map_statistics", clock.timed(engine.fit_map_statistics, 3.0))
+        seconds = statistics_seconds_per_image(model, statistics_inputs(holdout, tiny_config(tiny_tree)),
+                                               tiny_config(tiny_tree), torch.device("cpu"), clock)  # fmt: skip
+    assert seconds == 3.0 / len(holdout)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
