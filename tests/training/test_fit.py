@@ -257,6 +257,21 @@ class FakeClock:
 
         return run
 
+    def fit(self, cfg, out, step_cost, statistics: float, calibration: float, gaussians: float | None = None) -> dict:
+        """Train ``cfg`` into ``out`` on this clock: each student step costs ``step_cost()``, the map statistics
+        ``statistics``, the final calibration ``calibration`` and (when given) the teacher's Gaussians ``gaussians``
+        seconds. Returns the checkpoint's payload; ``self.start`` is the clock when training began."""
+        from dmdd.training import loop as engine
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(objective, "student_loss", self.timed(objective.student_loss, step_cost))
+            mp.setattr(engine, "fit_map_statistics", self.timed(engine.fit_map_statistics, statistics))
+            if gaussians is not None:
+                mp.setattr(engine, "fit_teacher_gaussians", self.timed(engine.fit_teacher_gaussians, gaussians))
+            mp.setattr(engine, "calibrate", self.timed(engine.calibrate, calibration))
+            self.start = self.now
+            return load_checkpoint(fit(cfg, out, progress=False, clock=self))
+
 
 def test_minutes_budget_replans_as_the_step_time_settles_and_ends_within_it(tiny_tree, tmp_path):
     """The budget covers everything: 10 s of setup (7 s for the teacher's Gaussians, 3 s timing the statistics on the
@@ -267,21 +282,14 @@ def test_minutes_budget_replans_as_the_step_time_settles_and_ends_within_it(tiny
     from dmdd.training import loop as engine
 
     clock = FakeClock()
-    real_loss, real_stats = objective.student_loss, engine.fit_map_statistics
-    real_global, real_calibrate = engine.fit_teacher_gaussians, engine.calibrate
 
     def step_cost():
         clock.steps += 1
         return 15.0 if clock.steps <= 3 else 5.0
 
     cfg = tiny_config(tiny_tree, minutes=1.5, batch_size=2)  # 90 s; 6 training images: 3 steps an epoch
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(objective, "student_loss", clock.timed(real_loss, step_cost))
-        mp.setattr(engine, "fit_map_statistics", clock.timed(real_stats, 3.0))
-        mp.setattr(engine, "fit_teacher_gaussians", clock.timed(real_global, 7.0))
-        mp.setattr(engine, "calibrate", clock.timed(real_calibrate, 6.0))
-        start = clock.now
-        payload = load_checkpoint(fit(cfg, tmp_path / "m", progress=False, clock=clock))
+    payload = clock.fit(cfg, tmp_path / "m", step_cost, statistics=3.0, calibration=6.0, gaussians=7.0)
+    start = clock.start
     history = payload["history"]
     # epoch 1: 10 s setup + 3 x 15 s + 3 s = 58 s; 90 - 58 - 6 (calibration: a good and a synthetic input per
     # held-out image, 4, at the statistics pass's 1.5 s per image) leaves 26 s,
@@ -299,22 +307,15 @@ def test_minutes_budget_replans_inside_an_epoch_when_steps_slow_down(tiny_tree, 
     epoch, 6 s of calibration, a 120 s budget. Planned only at epoch ends, epoch 2 would run all 6 steps (15 + 90 s)
     and the run would end after 150 s, 25 % over; re-planned after every step it stops after step 11 and ends at
     120 s (3 s of setup: the statistics timed before training)."""
-    from dmdd.training import loop as engine
-
     clock = FakeClock()
-    real_loss, real_stats, real_calibrate = objective.student_loss, engine.fit_map_statistics, engine.calibrate
 
     def step_cost():
         clock.steps += 1
         return 5.0 if clock.steps <= 9 else 30.0
 
     cfg = tiny_config(tiny_tree, minutes=2.0, batch_size=1)  # 6 training images: 6 steps an epoch
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(objective, "student_loss", clock.timed(real_loss, step_cost))
-        mp.setattr(engine, "fit_map_statistics", clock.timed(real_stats, 3.0))
-        mp.setattr(engine, "calibrate", clock.timed(real_calibrate, 6.0))
-        start = clock.now
-        payload = load_checkpoint(fit(cfg, tmp_path / "m", progress=False, clock=clock))
+    payload = clock.fit(cfg, tmp_path / "m", step_cost, statistics=3.0, calibration=6.0)
+    start = clock.start
     # epoch 1: 3 s + 30 s + 3 s, plan 19 steps; after step 10 (81 s, 11.25 s a step this epoch) 2 more fit; after
     # step 11 (111 s, 15 s a step) none: the epoch ends, 114 s, and calibration brings the run to 120 s
     assert [e["step"] for e in payload["history"]] == [6, 11] and payload["step"] == clock.steps == 11
@@ -328,24 +329,15 @@ def test_minutes_budget_that_ends_inside_the_first_epoch_reserves_its_statistics
     epoch ended nothing had measured the statistics or the calibration, and a plan without them took 5 steps, to
     30 s, and then 3 + 6 s more: 39 s, 30 % over. Timed on the held-out images before training (3 s: 1.5 s an
     image), they are reserved from the first step on."""
-    from dmdd.training import loop as engine
-
     clock = FakeClock()
-    real_loss, real_stats = objective.student_loss, engine.fit_map_statistics
-    real_global, real_calibrate = engine.fit_teacher_gaussians, engine.calibrate
 
     def step_cost():
         clock.steps += 1
         return 4.0
 
     cfg = tiny_config(tiny_tree, minutes=0.5, batch_size=1)  # 30 s; 6 training images: 6 steps an epoch
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(objective, "student_loss", clock.timed(real_loss, step_cost))
-        mp.setattr(engine, "fit_map_statistics", clock.timed(real_stats, 3.0))
-        mp.setattr(engine, "fit_teacher_gaussians", clock.timed(real_global, 10.0))
-        mp.setattr(engine, "calibrate", clock.timed(real_calibrate, 6.0))
-        start = clock.now
-        payload = load_checkpoint(fit(cfg, tmp_path / "m", progress=False, clock=clock))
+    payload = clock.fit(cfg, tmp_path / "m", step_cost, statistics=3.0, calibration=6.0, gaussians=10.0)
+    start = clock.start
     # 13 s of setup; after step 1 (17 s): 30 - 17 - 6 (reserve) = 7 s hold this epoch's 3 s and one more step
     (epoch,) = payload["history"]
     assert epoch["step"] == payload["step"] == clock.steps == 2 and epoch["total_steps"] == 2
