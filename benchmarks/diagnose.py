@@ -2,8 +2,8 @@
 
 1. Per map (dmdd cells): the test split is scored once while the stacked, standardised maps (NGM and AIM, one per
    stage) and the regional map are kept; each single map and each subset is then fused as the model fuses (sum,
-   regional map where fitted, the same smoothing) and scored with dmdd's metric code: which stages and branches
-   carry the localisation, and what smoothing costs or gains.
+   regional map where fitted, the same smoothing) and scored with dmdd's metric code, over the split and per defect
+   type: which stages and branches carry the localisation, of which defects, and what smoothing costs or gains.
 2. Per region (any cell with ``predictions.npz``): every test image is cut into its background, a band along the
    foreground's edge (``--band`` of the image side) and the foreground's interior, using the foreground mask dmdd's
    synthesis uses (GrabCut, docs/method.md step 1). Per region: the share of good and defective pixels, the pixel
@@ -89,10 +89,21 @@ def fuse_subset(model, stacked: torch.Tensor, regional: torch.Tensor | None, kee
     return np.concatenate(out)
 
 
-def pixel_metrics(predictions: Predictions, maps: np.ndarray) -> dict[str, float]:
+def pixel_metrics(predictions: Predictions, maps: np.ndarray) -> dict:
+    """P-AUROC and AU-PRO over the split, and per defect type (its images with the good ones), where there are
+    several types."""
     known = predictions.pixel_labelled()
-    masks, maps = predictions.masks[known] > 0, maps[known]
-    return {"pixel_auroc": auroc(masks.ravel(), maps.ravel()), "au_pro": au_pro(masks, maps)}
+    types = np.asarray(predictions.defect_types)
+
+    def scored(index: np.ndarray) -> dict[str, float]:
+        masks = predictions.masks[index] > 0
+        return {"pixel_auroc": auroc(masks.ravel(), maps[index].ravel()), "au_pro": au_pro(masks, maps[index])}
+
+    out = scored(known)
+    kinds = sorted(set(types[known]) - {"good"})
+    if len(kinds) > 1:
+        out["per_type"] = {kind: scored(known & np.isin(types, ["good", kind])) for kind in kinds}
+    return out
 
 
 def per_map(model, predictions, stacked, regional, sigma: float) -> tuple[list[dict], np.ndarray | None]:
@@ -114,6 +125,8 @@ def per_map(model, predictions, stacked, regional, sigma: float) -> tuple[list[d
             variants[f"{branch} only"] = (idx, True, sigma, True)
     for s, idx in by_stage.items():
         variants[f"stage {s} alone"] = (idx, False, sigma, True)
+    if regional is not None:
+        variants["regional map alone"] = ([], True, sigma, True)
     for other in (0.0, sigma * 2):
         variants[f"smoothing sigma {other:g}"] = (every, True, other, True)
     rows, unsupported = [], None
@@ -124,7 +137,9 @@ def per_map(model, predictions, stacked, regional, sigma: float) -> tuple[list[d
         if label == "without the foreground support":
             unsupported = maps
         rows.append({"variant": label, **pixel_metrics(predictions, maps)})
-        print(f"{label:32s} P-AUROC {100 * rows[-1]['pixel_auroc']:.2f}  AU-PRO {100 * rows[-1]['au_pro']:.2f}",
+        kinds = " ".join(f"{k} {100 * m['pixel_auroc']:.2f}/{100 * m['au_pro']:.2f}"
+                         for k, m in rows[-1].get("per_type", {}).items())  # fmt: skip
+        print(f"{label:32s} P-AUROC {100 * rows[-1]['pixel_auroc']:.2f}  AU-PRO {100 * rows[-1]['au_pro']:.2f}  {kinds}",
               flush=True)  # fmt: skip
     return rows, unsupported
 
@@ -177,7 +192,16 @@ def diagnose_cell(cell: Path, peers: dict[str, Predictions], band: float) -> dic
     for name, theirs in peers.items():
         if theirs.paths == predictions.paths and theirs.maps.shape == predictions.maps.shape:
             rows += per_region(name, theirs, regions)
-    return {"category": cfg.data.category, "cell": str(cell), "maps": maps, "regions": rows}
+    return {"category": cfg.data.category, "cell": str(cell), "maps": maps, "regions": rows,
+            "defect_pixel_share": defect_pixel_share(predictions)}  # fmt: skip
+
+
+def defect_pixel_share(predictions: Predictions) -> dict[str, float]:
+    """Each defect type's share of the split's defective pixels: what weighs in the pixel AUROC."""
+    known = predictions.pixel_labelled()
+    types = np.asarray(predictions.defect_types)[known]
+    per_image = (predictions.masks[known] > 0).reshape(int(known.sum()), -1).sum(1)
+    return {kind: float(per_image[types == kind].sum() / per_image.sum()) for kind in sorted(set(types) - {"good"})}
 
 
 def main() -> None:

@@ -382,7 +382,7 @@ def test_the_small_defect_driver_builds_its_category_and_times_a_tiled_model(tin
 
 
 def test_the_diagnosis_driver_splits_maps_and_regions_and_matches_the_cell(tmp_path, tiny_tree):
-    from dmdd.benchmark.tables import maps_table, regions_table
+    from dmdd.benchmark.tables import map_types_table, maps_table, regions_table
 
     path = write_suite(tmp_path / "suite.yaml", tiny_tree)
     record = run_suite(load_suite(path), progress=False)["cells"][0]
@@ -397,6 +397,15 @@ def test_the_diagnosis_driver_splits_maps_and_regions_and_matches_the_cell(tmp_p
     # the fusion rebuilt from the captured maps scores what the cell scored
     assert abs(maps["default (all maps)"]["pixel_auroc"] - record["metrics"]["pixel_auroc"]) < 1e-3
     assert {"stage 1 alone", "stage 4 alone", "without stage 4", "NGM only", "smoothing sigma 0"} <= set(maps)
+    # per defect type too, as the cell's own per-type metrics (each type's images with the good ones)
+    per_type = maps["default (all maps)"]["per_type"]
+    assert set(per_type) == set(record["metrics"]["per_defect_type"]) and len(per_type) == 3
+    for kind, m in per_type.items():
+        assert abs(m["pixel_auroc"] - record["metrics"]["per_defect_type"][kind]["pixel_auroc"]) < 1e-3
+    assert abs(sum(result["defect_pixel_share"].values()) - 1) < 1e-9
+    table = map_types_table({"sets": [result]}).splitlines()
+    shown = [v for v in maps if v.startswith("default") or v.endswith((" alone", " only", "the regional map"))]
+    assert table[0].startswith("| metal: maps fused |") and [row.split(" | ")[0][2:] for row in table[2:]] == shown
     rows = result["regions"]
     ours = [r for r in rows if r["model"] != "again"]
     theirs = [r for r in rows if r["model"] == "again"]

@@ -335,6 +335,28 @@ def maps_table(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def map_types_table(data: dict[str, Any]) -> str:
+    """benchmarks/diagnose.py, part 1 per defect type: P-AUROC / AU-PRO of the fusion, of each stage and branch
+    alone and with and without the regional map, on each type's images with the good ones, for the categories with
+    several types (each type's share of the defect pixels in the header)."""
+    shown = re.compile(r"default .*|.* alone|.* only|without the regional map")
+    lines = []
+    for s in data["sets"]:
+        rows = [r for r in s["maps"] if r.get("per_type") and shown.fullmatch(r["variant"])]
+        if not rows:
+            continue
+        kinds = list(rows[0]["per_type"])
+        shares = s.get("defect_pixel_share", {})
+        head = [f"{s['category']}: maps fused"] + [
+            f"{k} ({100 * shares[k]:.0f} % of defect pixels)" if k in shares else k for k in kinds]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = [f"{_pct_or_dash(r['per_type'][k]['pixel_auroc'])} / {_pct_or_dash(r['per_type'][k]['au_pro'])}"
+                     for k in kinds]  # fmt: skip
+            lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def regions_table(data: dict[str, Any]) -> str:
     """benchmarks/diagnose.py, part 2: per image region, where the pixels are and where each model's false alarms
     fall at the threshold that flags 1 % of all good pixels (regions without pixels left out)."""
@@ -357,7 +379,7 @@ RENDERERS = {"quality": quality_table, "speed": speed_table, "per_type": per_typ
              "backbones": backbones_table, "budgets": budgets_table}  # fmt: skip
 FILE_RENDERERS = {"json": json_table, "deploy": deploy_table, "labelled": labelled_table,
                   "normal_only": normal_only_table, "tiles_speed": tiles_speed_table, "serve_load": serve_load_table,
-                  "maps": maps_table, "regions": regions_table, "stages": stages_table,
+                  "maps": maps_table, "map_types": map_types_table, "regions": regions_table, "stages": stages_table,
                   "stage_rules": stage_rules_table}  # fmt: skip
 _BLOCK = re.compile(r"(<!-- benchmark: (\S+)(?: table=(\w+))? -->\n)(.*?)(<!-- /benchmark -->)", re.S)
 
