@@ -212,6 +212,26 @@ def test_budgets_table_sets_the_minutes_a_fit_took_against_its_budget():
     assert table[2] == "| tire | m | 10 | 10.50 | 105.0 % | 10 | 1.0 | abc |" and len(table) == 3
 
 
+def test_time_to_peer_table_finds_the_first_snapshot_at_the_peers_level_and_times_it_at_the_speed_suites_pace():
+    from dmdd.benchmark.tables import to_peer_table
+
+    peer = {**_record("tire", "p", 0, 0.7), "kind": "patchcore"}
+    peer["metrics"] = {**peer["metrics"], "pixel_auroc": 0.95, "au_pro": 0.80}
+    ours = _record("tire", "m", 0, 0.8)
+    ours["curve"] = [{"step": 50, "pixel_auroc": 0.96, "au_pro": 0.70, "image_auroc": 0.8},
+                     {"step": 100, "pixel_auroc": 0.94, "au_pro": 0.81, "image_auroc": 0.8},
+                     {"step": 150, "pixel_auroc": 0.95, "au_pro": 0.85, "image_auroc": 0.8}]  # fmt: skip
+    other = {**ours, "category": "tile"}  # no peer on that category: no row
+    table = to_peer_table([ours, peer, other]).splitlines()
+    # the cell's own 1.0 s a step: P-AUROC at step 50, AU-PRO at 100, both only at 150
+    assert table[2:] == ["| tire | b | 95.00 / 80.00 | 95.00 / 85.00 @150 | 0.8 min @50 | 1.7 min @100 | 2.5 min @150 |"]
+    speed = {**_record("tire", "s", 0, 0.8), "suite": "speed"}
+    speed["train"] = {**speed["train"], "step_seconds": 6.0}
+    slow_peer = {**peer, "metrics": {**peer["metrics"], "au_pro": 0.9}}
+    table = to_peer_table([ours, slow_peer, speed]).splitlines()
+    assert table[2].endswith("| 5.0 min @50 | not in 150 steps | not in 150 steps |")
+
+
 def test_the_results_page_is_regenerated_from_its_records_and_a_stale_page_is_caught(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"cells": [_record("bottle", "m", 0, 0.8)]}))
     page = tmp_path / "results.md"

@@ -203,6 +203,41 @@ def curve_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def to_peer_table(records: list[dict[str, Any]]) -> str:
+    """Time to a peer's maps: for each cell with a learning curve, the first snapshot whose P-AUROC, AU-PRO, and
+    both, reach those of PatchCore with the same backbone on the same category, as the step (after ``@``) and the
+    minutes of student steps (setup not counted) at the seconds per step of the speed suite's cell with that
+    backbone where its records are pooled in (measured alone), else at the cell's own."""
+    peers, alone = {}, {}
+    for r in records:
+        if r["kind"] == "patchcore":
+            peers.setdefault((r["category"], r.get("backbone")), r["metrics"])
+        elif r.get("suite") == "speed" and (r.get("train") or {}).get("step_seconds"):
+            alone.setdefault(r.get("backbone"), r["train"]["step_seconds"])
+    head = ["category", "backbone", "patchcore P-AUROC / AU-PRO", "dmdd last snapshot", "P-AUROC reached",
+            "AU-PRO reached", "both reached"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        peer = peers.get((r["category"], r.get("backbone")))
+        if not r.get("curve") or peer is None:
+            continue
+        step_seconds = alone.get(r.get("backbone"), r["train"].get("step_seconds"))
+
+        def first(*keys: str) -> str:
+            for c in r["curve"]:
+                if all(c[k] >= peer[k] for k in keys):
+                    minutes = f"{c['step'] * step_seconds / 60:.1f} min " if step_seconds else ""
+                    return f"{minutes}@{c['step']}"
+            return f"not in {r['curve'][-1]['step']} steps"
+
+        last = r["curve"][-1]
+        cells = [r["category"], r.get("backbone") or "-", f"{100 * peer['pixel_auroc']:.2f} / {100 * peer['au_pro']:.2f}",
+                 f"{100 * last['pixel_auroc']:.2f} / {100 * last['au_pro']:.2f} @{last['step']}",
+                 first("pixel_auroc"), first("au_pro"), first("pixel_auroc", "au_pro")]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def suite_markdown(records: list[dict[str, Any]]) -> str:
     """One quality table per dataset, then the speed table."""
     parts = []
@@ -376,7 +411,7 @@ def regions_table(data: dict[str, Any]) -> str:
 
 
 RENDERERS = {"quality": quality_table, "speed": speed_table, "per_type": per_type_table, "curve": curve_table,
-             "backbones": backbones_table, "budgets": budgets_table}  # fmt: skip
+             "backbones": backbones_table, "budgets": budgets_table, "to_peer": to_peer_table}  # fmt: skip
 FILE_RENDERERS = {"json": json_table, "deploy": deploy_table, "labelled": labelled_table,
                   "normal_only": normal_only_table, "tiles_speed": tiles_speed_table, "serve_load": serve_load_table,
                   "maps": maps_table, "map_types": map_types_table, "regions": regions_table, "stages": stages_table,
