@@ -203,6 +203,13 @@ def curve_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _first_reached(curve: list[dict], peer: dict, keys: list[str], step_seconds: float | None) -> str:
+    for c in curve:
+        if all(c[k] >= peer[k] for k in keys):
+            return (f"{c['step'] * step_seconds / 60:.1f} min " if step_seconds else "") + f"@{c['step']}"
+    return f"not in {curve[-1]['step']} steps"
+
+
 def to_peer_table(records: list[dict[str, Any]]) -> str:
     """Time to a peer's maps: for each cell with a learning curve, the first snapshot whose P-AUROC, AU-PRO, and
     both, reach those of PatchCore with the same backbone on the same category, as the step (after ``@``) and the
@@ -222,18 +229,11 @@ def to_peer_table(records: list[dict[str, Any]]) -> str:
         if not r.get("curve") or peer is None:
             continue
         step_seconds = alone.get(r.get("backbone"), r["train"].get("step_seconds"))
-
-        def first(*keys: str) -> str:
-            for c in r["curve"]:
-                if all(c[k] >= peer[k] for k in keys):
-                    minutes = f"{c['step'] * step_seconds / 60:.1f} min " if step_seconds else ""
-                    return f"{minutes}@{c['step']}"
-            return f"not in {r['curve'][-1]['step']} steps"
-
         last = r["curve"][-1]
         cells = [r["category"], r.get("backbone") or "-", f"{100 * peer['pixel_auroc']:.2f} / {100 * peer['au_pro']:.2f}",
                  f"{100 * last['pixel_auroc']:.2f} / {100 * last['au_pro']:.2f} @{last['step']}",
-                 first("pixel_auroc"), first("au_pro"), first("pixel_auroc", "au_pro")]  # fmt: skip
+                 *[_first_reached(r["curve"], peer, keys, step_seconds)
+                   for keys in (["pixel_auroc"], ["au_pro"], ["pixel_auroc", "au_pro"])]]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
