@@ -81,6 +81,8 @@ def config_of(payload: dict[str, Any], path: str | Path = "checkpoint") -> Confi
         raw = {**raw, "model": {**raw["model"], "global_stages": [1, 2, 3, 4]}}
     if isinstance(model, dict) and "regional_score" not in model:  # written before the regional map existed
         raw = {**raw, "model": {**raw["model"], "regional_score": "off"}}
+    if isinstance(model, dict) and "regional_bank" not in model:  # before the bank: the distance to the mean
+        raw = {**raw, "model": {**raw["model"], "regional_bank": 0}}
     if isinstance(model, dict) and "foreground_support" not in model:  # written before the support existed
         raw = {**raw, "model": {**raw["model"], "foreground_support": "off"}}
     train = raw.get("train") if isinstance(raw, dict) else None

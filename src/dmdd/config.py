@@ -106,6 +106,10 @@ class ModelConfig:
             :mod:`dmdd.models.regional`): ``auto`` (default) turns it on when the synthesis' foreground policy finds
             a texture and off for objects (the resolved value is what the checkpoint stores), ``on``, or ``off``
             (the paper's maps alone). Deviation, docs/deviations.md.
+        regional_bank: training windows kept per stage (greedy k-centre selection) for the regional map, which
+            scores each window by its distance to the nearest of them in the Gaussian's metric; 0 scores the
+            distance to the Gaussian's mean (checkpoints written before the bank read as 0). Deviation,
+            docs/deviations.md.
         foreground_support: multiply the anomaly map by where the object can be: the union of the training
             images' foreground masks, dilated and smoothed (:mod:`dmdd.models.support`). ``auto`` (default) turns it
             on for objects (the synthesis' foreground policy) without tiles and off otherwise (the checkpoint stores
@@ -148,6 +152,7 @@ class ModelConfig:
     global_score: str = "mean"
     global_stages: tuple[int, ...] = (2, 3, 4)
     regional_score: str = "auto"
+    regional_bank: int = 4096
     foreground_support: str = "auto"
     student_bn_frozen: bool = True
     map_normalization: bool = True
@@ -189,6 +194,8 @@ class ModelConfig:
             raise ConfigError(f"model.global_score must be off|mean|mean_std, got {self.global_score!r}")
         if self.regional_score not in ("auto", "on", "off"):
             raise ConfigError(f"model.regional_score must be auto|on|off, got {self.regional_score!r}")
+        if self.regional_bank < 0:
+            raise ConfigError(f"model.regional_bank must be >= 0 (0: the distance to the mean), got {self.regional_bank}")
         if self.foreground_support not in ("auto", "on", "off"):
             raise ConfigError(f"model.foreground_support must be auto|on|off, got {self.foreground_support!r}")
         if self.foreground_support == "on" and self.tile:

@@ -12,7 +12,7 @@ from dmdd.checkpoint import config_of, load_checkpoint, restore_model, save_chec
 from dmdd.data import load_category
 from dmdd.data.datasets import AnomalyDataset
 from dmdd.models.dmdd import DMDD
-from dmdd.models.regional import RegionalGaussian, local_stats
+from dmdd.models.regional import RegionalGaussian, k_centres, local_stats
 from dmdd.training.loop import fit, split_holdout
 
 
@@ -54,6 +54,40 @@ def test_map_is_the_mahalanobis_distance_of_every_window_summed_over_stages():
         align_corners=False,
     )[0, 0].numpy()
     np.testing.assert_allclose(got, expected2 + stage3, rtol=1e-4, atol=1e-4)
+
+
+def test_k_centres_match_a_brute_force_farthest_point_loop_and_small_sets_are_kept_whole():
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(2))
+    a = x.numpy().astype(np.float64)
+    picks = [int(np.argmin(np.linalg.norm(a - a.mean(0), axis=1)))]
+    while len(picks) < 6:
+        nearest = np.min([np.linalg.norm(a - a[p], axis=1) for p in picks], axis=0)
+        picks.append(int(np.argmax(nearest)))
+    torch.testing.assert_close(k_centres(x, 6), x[picks])
+    assert torch.equal(k_centres(x[:4], 6), x[[0, 1, 2, 3, 0, 1]])  # fewer rows than asked: each kept, repeated
+
+
+def test_with_a_bank_the_map_is_the_mahalanobis_distance_to_the_nearest_kept_training_window():
+    gen = torch.Generator().manual_seed(3)
+    channels = (2, 3, 4, 5)
+    g = RegionalGaussian(channels, windows={2: 3}, bank=5)
+    train = [torch.randn(4, c, 8 >> i, 8 >> i, generator=gen) for i, c in enumerate(channels)]
+    vectors = g.window_vectors(train)[2].flatten(0, 1)  # 64 training windows of 6 statistics
+    g.fit({2: vectors})
+    loc, precision = g.loc2.double().numpy(), g.precision2.double().numpy()
+    # every kept window is a training window, whitened: find which, then measure in the original space
+    whitened = (vectors - g.loc2) @ g.whiten2
+    kept = [int(torch.cdist(row[None], whitened).argmin()) for row in g.bank2]
+    assert len(set(kept)) == 5 and torch.cdist(g.bank2, whitened[kept]).diagonal().max() < 1e-4
+    train_kept = vectors[kept].double().numpy()
+    test = [torch.randn(2, c, 8 >> i, 8 >> i, generator=gen) for i, c in enumerate(channels)]
+    got = g.raw_map(test, (4, 4)).numpy()
+    windows = local_stats(test[1], 3).double().numpy().reshape(2, 6, -1).transpose(0, 2, 1)
+    expected = np.array([[min(np.sqrt((v - u) @ precision @ (v - u)) for u in train_kept) for v in image]
+                         for image in windows]).reshape(2, 1, 4, 4)  # fmt: skip
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+    assert not np.allclose(expected, np.sqrt([[(v - loc) @ precision @ (v - loc) for v in image] for image in windows])
+                           .reshape(2, 1, 4, 4), atol=1e-2)  # not the distance to the mean  # fmt: skip
 
 
 def test_combination_is_the_model_map_until_fitted_then_the_sum_of_standardised_maps():
@@ -100,6 +134,12 @@ def test_auto_leaves_it_out_for_objects_and_old_checkpoints_load_without_it(tiny
     payload["model"] = {k: v for k, v in payload["model"].items() if not k.startswith("regional.")}
     save_checkpoint(tmp_path / "old.pt", {k: v for k, v in payload.items() if not k.startswith("format")})
     assert restore_model(tmp_path / "old.pt")[0].regional is None
+    payload = load_checkpoint(ckpt)  # a texture checkpoint written before the bank: the distance to the mean
+    del payload["config"]["model"]["regional_bank"]
+    payload["model"] = {k: v for k, v in payload["model"].items() if not k.startswith(("regional.bank", "regional.whiten"))}
+    save_checkpoint(tmp_path / "before_bank.pt", {k: v for k, v in payload.items() if not k.startswith("format")})
+    model, old = restore_model(tmp_path / "before_bank.pt")
+    assert config_of(old).model.regional_bank == 0 and model.regional.bank == 0 and model.regional.gaussian_fitted == 1
 
 
 def test_an_unknown_value_is_a_config_error():

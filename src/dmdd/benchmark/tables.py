@@ -384,7 +384,7 @@ def map_types_table(data: dict[str, Any]) -> str:
         shares = s.get("defect_pixel_share", {})
         head = [f"{s['category']}: maps fused"] + [
             f"{k} ({100 * shares[k]:.0f} % of defect pixels)" if k in shares else k for k in kinds]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += [""] * bool(lines) + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # one table per set
         for r in rows:
             cells = [f"{_pct_or_dash(r['per_type'][k]['pixel_auroc'])} / {_pct_or_dash(r['per_type'][k]['au_pro'])}"
                      for k in kinds]  # fmt: skip

@@ -90,7 +90,9 @@ class DMDD(nn.Module):
         if cfg.global_score != "off":
             self.global_score = FeatureGaussian(backbone.channels, cfg.global_score, cfg.global_stages)
         # Regional texture-statistics map (fitted by dmdd.evaluation.fit_teacher_gaussians; the engine resolves "auto").
-        self.regional = RegionalGaussian(backbone.channels) if cfg.regional_score != "off" else None
+        self.regional = None
+        if cfg.regional_score != "off":
+            self.regional = RegionalGaussian(backbone.channels, bank=cfg.regional_bank)
         # Where the object can be (fitted by the engine from the training foregrounds; "auto" is resolved there).
         self.support = ForegroundSupport(cfg.image_size) if cfg.foreground_support == "on" else None
         self.train()

@@ -3,12 +3,15 @@
 DMDD's maps compare student and teacher feature by feature with a cosine distance; on textures a defect can change
 an area's *statistics* a little without changing any single feature's direction much (magnetic_tile's "uneven"
 tiles). Here the frozen teacher's features of stages 2 and 3 are summarised around every position by their
-per-channel mean and standard deviation over a k x k window, and each window is scored by its Mahalanobis distance
-to one Gaussian (Ledoit-Wolf shrinkage) of windows sampled from the training images, positions pooled: a texture
-looks alike everywhere, so no alignment is assumed (on objects it would mix background and part, which is why the
-engine fits it only where the foreground policy says "texture"). The per-stage distance maps are upsampled and
-summed; the model's map and this one, each standardised by its pixel mean and standard deviation over the held-out
-good images, are added.
+per-channel mean and standard deviation over a k x k window, and windows are sampled from the training images,
+positions pooled: a texture looks alike everywhere, so no alignment is assumed (on objects it would mix background
+and part, which is why the engine fits it only where the foreground policy says "texture"). One Gaussian
+(Ledoit-Wolf shrinkage) of the sampled windows gives the metric. Each window is then scored by its distance, in that
+metric, to the nearest of ``bank`` sampled training windows kept by greedy k-centre selection (the bank covers every
+look the good texture takes, where one broad Gaussian blurs several looks into one mode); ``bank = 0`` scores the
+Mahalanobis distance to the Gaussian's mean instead (checkpoints written before the bank). The per-stage distance
+maps are upsampled and summed; the model's map and this one, each standardised by its pixel mean and standard
+deviation over the held-out good images, are added.
 """
 
 from __future__ import annotations
@@ -33,21 +36,49 @@ def local_stats(f: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([mean, (square - mean**2).clamp_min(0).sqrt()], 1)
 
 
+def whitening(precision_matrix: torch.Tensor) -> torch.Tensor:
+    """W with ``(x W) . (x W) = x P x`` for the symmetric positive semi-definite precision P: distances between
+    whitened vectors are Mahalanobis distances."""
+    p = precision_matrix.double()
+    values, vectors = torch.linalg.eigh((p + p.T) / 2)
+    return vectors * values.clamp_min(0).sqrt()
+
+
+def k_centres(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` rows of ``x`` (N, D) by greedy k-centre selection: first the row nearest the mean, then each time the row
+    farthest from those already chosen (deterministic; ties to the lowest index). With N <= n every row is kept and
+    the rows are repeated in order up to ``n`` (repeats change no nearest-neighbour distance)."""
+    if len(x) <= n:
+        return x[torch.arange(n) % len(x)]
+    picks = [int((x - x.mean(0)).norm(dim=1).argmin())]
+    nearest = (x - x[picks[0]]).norm(dim=1)
+    for _ in range(n - 1):
+        picks.append(int(nearest.argmax()))
+        nearest = torch.minimum(nearest, (x - x[picks[-1]]).norm(dim=1))
+    return x[picks]
+
+
 class RegionalGaussian(nn.Module):
-    """One Gaussian of window statistics per stage, and the standardisation that adds its map to the model's.
+    """Per stage, one Gaussian of window statistics (the metric) and a bank of training windows, and the
+    standardisation that adds its map to the model's.
 
     Args:
         channels: the teacher's channels per stage.
         windows: stage (1-based) -> window side in cells.
+        bank: training windows kept per stage for the nearest-window distance; 0: the distance to the mean.
     """
 
-    def __init__(self, channels: tuple[int, ...], windows: dict[int, int] | None = None) -> None:
+    def __init__(self, channels: tuple[int, ...], windows: dict[int, int] | None = None, bank: int = 0) -> None:
         super().__init__()
         self.windows = dict(WINDOWS if windows is None else windows)
+        self.bank = bank
         for stage in self.windows:
             d = 2 * channels[stage - 1]
             self.register_buffer(f"loc{stage}", torch.zeros(d))
             self.register_buffer(f"precision{stage}", torch.eye(d))
+            if bank:  # whitened training windows, and the whitening
+                self.register_buffer(f"whiten{stage}", torch.eye(d))
+                self.register_buffer(f"bank{stage}", torch.zeros(bank, d))
         # pixel mean and std over held-out good images of the model's map, then of this map (both smoothed)
         self.register_buffer("pixel_stats", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.register_buffer("gaussian_fitted", torch.zeros(()))
@@ -66,15 +97,25 @@ class RegionalGaussian(nn.Module):
             getattr(self, f"loc{stage}").copy_(loc.float())
             getattr(self, f"precision{stage}").copy_(precision(cov).float())
             shrinkage[stage] = a
+            if self.bank:
+                w = whitening(getattr(self, f"precision{stage}")).float()
+                getattr(self, f"whiten{stage}").copy_(w)
+                getattr(self, f"bank{stage}").copy_(k_centres((v.float().cpu() - loc.float()) @ w, self.bank))
         self.gaussian_fitted.fill_(1.0)
         return shrinkage
 
     def raw_map(self, teacher: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """(B, 1, *size): the sum over stages of the windows' Mahalanobis distances, upsampled bilinearly."""
+        """(B, 1, *size): the sum over stages of each window's distance (in the Gaussian's metric) to the nearest
+        bank window, or to the mean without a bank, upsampled bilinearly."""
         total = None
         for stage, v in self.window_vectors(teacher).items():
             diff = v - getattr(self, f"loc{stage}")
-            d = ((diff @ getattr(self, f"precision{stage}")) * diff).sum(-1).clamp_min(0).sqrt()
+            if self.bank:  # |q - b|^2 = |q|^2 - 2 q.b + |b|^2, the nearest of the bank (matrix products: exportable)
+                q, bank = diff @ getattr(self, f"whiten{stage}"), getattr(self, f"bank{stage}")
+                square = (q * q).sum(-1, keepdim=True) - 2 * q @ bank.T + (bank * bank).sum(-1)
+                d = square.amin(-1).clamp_min(0).sqrt()
+            else:
+                d = ((diff @ getattr(self, f"precision{stage}")) * diff).sum(-1).clamp_min(0).sqrt()
             h, w = teacher[stage - 1].shape[-2:]
             d = F.interpolate(d.view(-1, 1, h, w), size=size, mode="bilinear", align_corners=False)
             total = d if total is None else total + d
