@@ -96,13 +96,14 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     save_checkpoint(target, {"config": {}, "model": {"w": torch.ones(3)}})
     before = target.read_bytes()
 
-    def exploding_save(obj, f, *a, **k):
+    def exploding_save(obj, f, *a, **k):  # what torch.save raises when the disk fills up mid-write
         f.write(b"partial")
-        raise OSError("disk full")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
 
     monkeypatch.setattr(torch, "save", exploding_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*last\.pt .*file write failed.* MiB free") as err:
         save_checkpoint(target, {"config": {}, "model": {"w": torch.zeros(3)}})
+    assert "previous checkpoint there is untouched" in str(err.value)
     assert target.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name != "last.pt"]  # no temp file left behind
     monkeypatch.undo()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,13 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # a full disk reaches torch.save as "RuntimeError: ... file write failed"
+        Path(tmp).unlink(missing_ok=True)
+        free_mib = shutil.disk_usage(path.parent).free // 2**20
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({type(exc).__name__}: {exc}); {free_mib} MiB free in {path.parent}. "
+            "The previous checkpoint there is untouched: free disk space, then resume from it"
+        ) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
