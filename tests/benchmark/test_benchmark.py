@@ -232,6 +232,24 @@ def test_time_to_peer_table_finds_the_first_snapshot_at_the_peers_level_and_time
     assert table[2].endswith("| 5.0 min @50 | not in 150 steps | not in 150 steps |")
 
 
+def test_ablation_table_puts_each_switch_beside_the_default_per_category_and_backbone():
+    from dmdd.benchmark.tables import ablation_table
+
+    def cell(category, model, backbone, auroc):
+        return {**_record(category, model, 0, auroc), "backbone": backbone}
+
+    records = [cell("tire", "dmdd-lite0", "l0", 0.8), cell("tire", "dmdd-lite0-msn", "l0", 0.7),
+               cell("tire", "dmdd-lite2", "l2", 0.9), cell("tire", "dmdd-lite2-msn", "l2", 0.6),
+               cell("tire", "dmdd-lite1", "l1", 0.5),  # no switch ran with this backbone: no column
+               {**cell("tire", "patchcore-lite0", "l0", 1.0), "kind": "patchcore"},  # a peer: no row
+               cell("tile", "dmdd-lite0-no-pmn", "l0", 0.4)]  # fmt: skip
+    assert ablation_table(records).splitlines() == [
+        "| switch | tire l0 | tire l2 | tile l0 |", "|---|---|---|---|",
+        "| default | 80.00 / 90.00 / - | 90.00 / 90.00 / - | - |",
+        "| msn | 70.00 / 90.00 / - | 60.00 / 90.00 / - | - |",
+        "| no-pmn | - | - | 40.00 / 90.00 / - |"]
+
+
 def test_the_results_page_is_regenerated_from_its_records_and_a_stale_page_is_caught(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"cells": [_record("bottle", "m", 0, 0.8)]}))
     page = tmp_path / "results.md"

@@ -238,6 +238,25 @@ def to_peer_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ablation_table(records: list[dict[str, Any]]) -> str:
+    """The ablations side by side: one row per switch, one column per category and backbone where some switch ran,
+    I-AUROC / P-AUROC / AU-PRO (the mean over seeds). A dmdd model named ``dmdd-<backbone>-<switch>`` is that switch,
+    ``dmdd-<backbone>`` the default configuration; other kinds are left out."""
+    cells: dict[str, dict[tuple[str, str], list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r["kind"] == "dmdd":
+            switch = r["model"].split("-", 2)[2] if r["model"].count("-") >= 2 else "default"
+            cells[switch][(r["category"], r.get("backbone") or "-")].append(flat(r))
+    columns = list(dict.fromkeys(c for switch, by in cells.items() if switch != "default" for c in by))
+    lines = ["| switch | " + " | ".join(f"{c} {b}" for c, b in columns) + " |", "|---|" + "---|" * len(columns)]
+    for switch in sorted(cells, key=lambda s: s != "default"):  # the default first, then in first-seen order
+        row = [cells[switch].get(c) for c in columns]
+        if any(row):
+            lines.append(f"| {switch} | " + " | ".join("-" if not rows else " / ".join(
+                _pct([x[k] for x in rows]) for k in ("image_auroc", "pixel_auroc", "au_pro")) for rows in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def suite_markdown(records: list[dict[str, Any]]) -> str:
     """One quality table per dataset, then the speed table."""
     parts = []
@@ -411,7 +430,8 @@ def regions_table(data: dict[str, Any]) -> str:
 
 
 RENDERERS = {"quality": quality_table, "speed": speed_table, "per_type": per_type_table, "curve": curve_table,
-             "backbones": backbones_table, "budgets": budgets_table, "to_peer": to_peer_table}  # fmt: skip
+             "backbones": backbones_table, "budgets": budgets_table, "to_peer": to_peer_table,
+             "ablation": ablation_table}  # fmt: skip
 FILE_RENDERERS = {"json": json_table, "deploy": deploy_table, "labelled": labelled_table,
                   "normal_only": normal_only_table, "tiles_speed": tiles_speed_table, "serve_load": serve_load_table,
                   "maps": maps_table, "map_types": map_types_table, "regions": regions_table, "stages": stages_table,
