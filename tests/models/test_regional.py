@@ -11,6 +11,7 @@ from conftest import tiny_config
 from dmdd.checkpoint import config_of, load_checkpoint, restore_model, save_checkpoint
 from dmdd.data import load_category
 from dmdd.data.datasets import AnomalyDataset
+from dmdd.models import regional
 from dmdd.models.dmdd import DMDD
 from dmdd.models.regional import RegionalGaussian, k_centres, local_stats
 from dmdd.training.loop import fit, split_holdout
@@ -67,7 +68,9 @@ def test_k_centres_match_a_brute_force_farthest_point_loop_and_small_sets_are_ke
     assert torch.equal(k_centres(x[:4], 6), x[[0, 1, 2, 3, 0, 1]])  # fewer rows than asked: each kept, repeated
 
 
-def test_with_a_bank_the_map_is_the_mahalanobis_distance_to_the_nearest_kept_training_window():
+@pytest.mark.parametrize("chunk", [1024, 2])  # the whole bank at once, and in chunks of 2, 2 and 1 windows
+def test_with_a_bank_the_map_is_the_mahalanobis_distance_to_the_nearest_kept_training_window(chunk, monkeypatch):
+    monkeypatch.setattr(regional, "BANK_CHUNK", chunk)
     gen = torch.Generator().manual_seed(3)
     channels = (2, 3, 4, 5)
     g = RegionalGaussian(channels, windows={2: 3}, bank=5)

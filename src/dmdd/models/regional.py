@@ -25,6 +25,9 @@ from dmdd.models.gaussian import ledoit_wolf, precision
 # stage (1-based) -> window side in that stage's cells: 7 x 8 px at stage 2, 5 x 16 px at stage 3 (benchmarks/
 # regional_probe.py measured these on magnetic_tile and tire)
 WINDOWS = {2: 7, 3: 5}
+# Bank windows compared at a time: the distances are a (batch, positions, chunk) matrix, 32 MiB at 256 px and batch 8
+# instead of 128 MiB for the whole 4096-window bank (and 4x that at 512 px).
+BANK_CHUNK = 1024
 
 
 def local_stats(f: torch.Tensor, k: int) -> torch.Tensor:
@@ -112,8 +115,12 @@ class RegionalGaussian(nn.Module):
             diff = v - getattr(self, f"loc{stage}")
             if self.bank:  # |q - b|^2 = |q|^2 - 2 q.b + |b|^2, the nearest of the bank (matrix products: exportable)
                 q, bank = diff @ getattr(self, f"whiten{stage}"), getattr(self, f"bank{stage}")
-                square = (q * q).sum(-1, keepdim=True) - 2 * q @ bank.T + (bank * bank).sum(-1)
-                d = square.amin(-1).clamp_min(0).sqrt()
+                qq, nearest = (q * q).sum(-1, keepdim=True), None
+                for start in range(0, len(bank), BANK_CHUNK):  # a fixed number of chunks: the export unrolls them
+                    b = bank[start : start + BANK_CHUNK]
+                    square = (qq - 2 * q @ b.T + (b * b).sum(-1)).amin(-1)
+                    nearest = square if nearest is None else torch.minimum(nearest, square)
+                d = nearest.clamp_min(0).sqrt()
             else:
                 d = ((diff @ getattr(self, f"precision{stage}")) * diff).sum(-1).clamp_min(0).sqrt()
             h, w = teacher[stage - 1].shape[-2:]
