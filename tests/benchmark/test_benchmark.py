@@ -250,6 +250,40 @@ def test_ablation_table_puts_each_switch_beside_the_default_per_category_and_bac
         "| no-pmn | - | - | 40.00 / 90.00 / - |"]
 
 
+def test_time_to_quality_figure_plots_each_curve_against_minutes_at_the_speed_suites_pace(tmp_path):
+    from PIL import Image
+
+    from dmdd.benchmark.figures import quality_against_minutes
+
+    peer = {**_record("tire", "p", 0, 0.7), "kind": "patchcore"}
+    peer["metrics"] = {**peer["metrics"], "pixel_auroc": 0.95, "au_pro": 0.80}
+    ours = _record("tire", "m", 0, 0.8)
+    ours["curve"] = [{"step": 50, "pixel_auroc": 0.96, "au_pro": 0.70, "image_auroc": 0.8},
+                     {"step": 100, "pixel_auroc": 0.94, "au_pro": 0.81, "image_auroc": 0.8}]  # fmt: skip
+    speed = {**_record("tire", "s", 0, 0.8), "suite": "speed"}
+    speed["train"] = {**speed["train"], "step_seconds": 6.0}
+    other = {**ours, "category": "tile", "backbone": "c"}  # no peer, no speed cell: its own 1.0 s a step
+    series = quality_against_minutes([ours, peer, speed, other])
+    assert series["tire"] == [{"model": "m", "backbone": "b", "minutes": [5.0, 10.0], "pixel_auroc": [96.0, 94.0],
+                               "au_pro": [70.0, 81.0], "peer": {"pixel_auroc": 95.0, "au_pro": 80.0}}]  # fmt: skip
+    assert series["tile"][0]["minutes"] == [50 / 60, 100 / 60] and series["tile"][0]["peer"] is None
+
+    (tmp_path / "r.json").write_text(json.dumps({"cells": [ours, peer, speed, other]}))
+    page = tmp_path / "results.md"
+    page.write_text("<!-- benchmark: r.json figure=time_to_quality -->\n<!-- /benchmark -->\n")
+    assert render_page(page, check=True) == ["r.json figure=time_to_quality (missing "
+                                             f"{tmp_path / 'figures' / 'time_to_quality_tire.png'}) (missing "
+                                             f"{tmp_path / 'figures' / 'time_to_quality_tile.png'})"]  # fmt: skip
+    assert main(["benchmark", "--render", str(page)]) == 0
+    assert "(figures/time_to_quality_tire.png)" in page.read_text()
+    assert "(figures/time_to_quality_tile.png)" in page.read_text()
+    with Image.open(tmp_path / "figures" / "time_to_quality_tire.png") as image:
+        assert image.format == "PNG" and image.width > 400
+    assert render_page(page, check=True) == []
+    (tmp_path / "figures" / "time_to_quality_tile.png").unlink()  # a lost figure is caught like a stale table
+    assert render_page(page, check=True) == [f"r.json figure=time_to_quality (missing {tmp_path / 'figures' / 'time_to_quality_tile.png'})"]
+
+
 def test_the_results_page_is_regenerated_from_its_records_and_a_stale_page_is_caught(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"cells": [_record("bottle", "m", 0, 0.8)]}))
     page = tmp_path / "results.md"

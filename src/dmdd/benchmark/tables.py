@@ -8,7 +8,8 @@ A results page marks each generated table with a pair of HTML comments::
     <!-- /benchmark -->
 
 ``render_page`` rewrites every block from the named file (relative to the page), so the page is the output of the
-records it names; ``check=True`` reports the blocks that differ instead of writing.
+records it names; ``check=True`` reports the blocks that differ instead of writing. A block with ``figure=KIND``
+instead of ``table=KIND`` draws PNGs into the page's ``figures/`` folder (:mod:`dmdd.benchmark.figures`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from dmdd.benchmark.figures import FIGURES, peers_and_pace
 from dmdd.benchmark.paper import MEANS, paper_row
 from dmdd.errors import ConfigError
 
@@ -215,12 +217,7 @@ def to_peer_table(records: list[dict[str, Any]]) -> str:
     both, reach those of PatchCore with the same backbone on the same category, as the step (after ``@``) and the
     minutes of student steps (setup not counted) at the seconds per step of the speed suite's cell with that
     backbone where its records are pooled in (measured alone), else at the cell's own."""
-    peers, alone = {}, {}
-    for r in records:
-        if r["kind"] == "patchcore":
-            peers.setdefault((r["category"], r.get("backbone")), r["metrics"])
-        elif r.get("suite") == "speed" and (r.get("train") or {}).get("step_seconds"):
-            alone.setdefault(r.get("backbone"), r["train"]["step_seconds"])
+    peers, alone = peers_and_pace(records)
     head = ["category", "backbone", "patchcore P-AUROC / AU-PRO", "dmdd last snapshot", "P-AUROC reached",
             "AU-PRO reached", "both reached"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -436,7 +433,7 @@ FILE_RENDERERS = {"json": json_table, "deploy": deploy_table, "labelled": labell
                   "normal_only": normal_only_table, "tiles_speed": tiles_speed_table, "serve_load": serve_load_table,
                   "maps": maps_table, "map_types": map_types_table, "regions": regions_table, "stages": stages_table,
                   "stage_rules": stage_rules_table}  # fmt: skip
-_BLOCK = re.compile(r"(<!-- benchmark: (\S+)(?: table=(\w+))? -->\n)(.*?)(<!-- /benchmark -->)", re.S)
+_BLOCK = re.compile(r"(<!-- benchmark: (\S+)(?: (table|figure)=(\w+))? -->\n)(.*?)(<!-- /benchmark -->)", re.S)
 
 
 def _load(source: Path) -> dict[str, Any]:
@@ -466,6 +463,16 @@ def render_block(sources: Path | list[Path], kind: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_figure(sources: list[Path], kind: str, figures: Path, write: bool) -> tuple[str, list[Path]]:
+    """The image links of one figure block, with its PNGs written into ``figures`` (when ``write``); returns the
+    links and the PNGs that do not exist."""
+    if kind not in FIGURES:
+        raise ConfigError(f"unknown figure kind {kind!r} for {', '.join(map(str, sources))}; known: {sorted(FIGURES)}")
+    records = [cell for source in sources for cell in _load(source)["cells"]]
+    body, paths = FIGURES[kind](records, figures, kind, write)
+    return body, [p for p in paths if not p.is_file()]
+
+
 def render_page(page: Path, check: bool = False) -> list[str]:
     """Regenerate every benchmark block of ``page``; returns the sources of the blocks that changed (with ``check``,
     nothing is written)."""
@@ -473,11 +480,15 @@ def render_page(page: Path, check: bool = False) -> list[str]:
     changed: list[str] = []
 
     def sub(match: re.Match) -> str:
-        source, kind = match.group(2), match.group(3) or "quality"
-        body = render_block([page.parent / name for name in source.split(",")], kind)
-        if body != match.group(4):
-            changed.append(f"{source} table={kind}")
-        return match.group(1) + body + match.group(5)
+        source, what, kind = match.group(2), match.group(3) or "table", match.group(4) or "quality"
+        sources = [page.parent / name for name in source.split(",")]
+        if what == "figure":
+            body, missing = render_figure(sources, kind, page.parent / "figures", write=not check)
+        else:
+            body, missing = render_block(sources, kind), []
+        if body != match.group(5) or missing:
+            changed.append(f"{source} {what}={kind}" + "".join(f" (missing {p})" for p in missing))
+        return match.group(1) + body + match.group(6)
 
     new = _BLOCK.sub(sub, text)
     if not check and new != text:
