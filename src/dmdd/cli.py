@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cells at once on the CPU, cores split between them (with GPUs: one cell per GPU)")  # fmt: skip
     p.add_argument("--only", help="run only the cells whose id (dataset/category/model/budget/seedN) contains this")
     p.add_argument("--list", action="store_true", help="print the cells and which are finished; run nothing")
-    p.add_argument("--render", metavar="PAGE", help="regenerate the benchmark tables of a markdown page")
+    p.add_argument("--render", metavar="PAGE", help="regenerate the benchmark tables and figures of a markdown page")
     p.add_argument("--check", action="store_true", help="with --render: exit 1 if the page differs; write nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(p)
