@@ -148,6 +148,13 @@ def speed_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _three_metrics(rows: list[dict[str, Any]] | None) -> str:
+    """I-AUROC / P-AUROC / AU-PRO of flat rows (the mean over seeds), '-' without rows."""
+    if not rows:
+        return "-"
+    return " / ".join(_pct([x[k] for x in rows]) for k in ("image_auroc", "pixel_auroc", "au_pro"))
+
+
 def backbones_table(records: list[dict[str, Any]]) -> str:
     """One row per category and backbone, one column per model kind and budget: I-AUROC / P-AUROC / AU-PRO (the
     mean over seeds), so that models with the same backbone sit side by side."""
@@ -160,8 +167,7 @@ def backbones_table(records: list[dict[str, Any]]) -> str:
         cells = []
         for c in columns:
             rows = by_column.get(c)
-            cells.append("-" if not rows else " / ".join(_pct([x[k] for x in rows]) for k in
-                                                           ("image_auroc", "pixel_auroc", "au_pro")))  # fmt: skip
+            cells.append(_three_metrics(rows))
         lines.append(f"| {category} | {backbone} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -249,8 +255,7 @@ def ablation_table(records: list[dict[str, Any]]) -> str:
     for switch in sorted(cells, key=lambda s: s != "default"):  # the default first, then in first-seen order
         row = [cells[switch].get(c) for c in columns]
         if any(row):
-            lines.append(f"| {switch} | " + " | ".join("-" if not rows else " / ".join(
-                _pct([x[k] for x in rows]) for k in ("image_auroc", "pixel_auroc", "au_pro")) for rows in row) + " |")
+            lines.append(f"| {switch} | " + " | ".join(_three_metrics(rows) for rows in row) + " |")
     return "\n".join(lines) + "\n"
 
 
