@@ -121,6 +121,28 @@ def test_a_tiny_suite_runs_skips_finished_cells_and_records_failures(tmp_path, t
     assert [f["id"] for f in second["failed"]] == ["gen/metal/broken/2steps/seed0"]
 
 
+def test_publishing_keeps_the_recorded_cells_whose_run_folders_are_not_here(tmp_path, tiny_tree):
+    # run folders are not committed: a fresh clone running one cell must not drop the cells recorded elsewhere
+    from dmdd.benchmark.runner import publish
+
+    results = tmp_path / "published.json"
+    path = write_suite(tmp_path / "suite.yaml", tiny_tree, results=str(results), budgets=[{"steps": 2}, {"steps": 3}],
+                       models=[TINY_MODEL, {**TINY_MODEL, "name": "other"}])  # fmt: skip
+    suite = load_suite(path)
+    ids = [c.id for c in suite.cells()]
+    assert len(ids) == 4
+    old = [{"id": i, "source": "earlier"} for i in (ids[3], ids[0], "gen/metal/gone/2steps/seed0")]
+    results.write_text(json.dumps({"suite": "tiny", "cells": old}))
+    publish(suite, [{"id": ids[0], "source": "here", "thresholds": {"x": 1}}, {"id": ids[1], "source": "here"}])
+    cells = json.loads(results.read_text())["cells"]
+    # grid order; the fresh record replaces the earlier one; a cell the suite no longer holds is dropped
+    assert [(c["id"], c["source"]) for c in cells] == [(ids[0], "here"), (ids[1], "here"), (ids[3], "earlier")]
+    assert "thresholds" not in cells[0]
+    results.write_text("{not json")
+    with pytest.raises(DmddError, match=r"published\.json is not a results file.*restore it from git"):
+        publish(suite, [])
+
+
 def test_a_cell_with_snapshots_records_its_learning_curve(tmp_path, tiny_tree):
     curve_model = {**TINY_MODEL, "name": "curve", "set": {**TINY_MODEL["set"], "train.snapshot_every": 1}}
     path = write_suite(tmp_path / "suite.yaml", tiny_tree, models=[curve_model], budgets=[{"steps": 3}])

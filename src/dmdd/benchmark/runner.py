@@ -174,7 +174,20 @@ def write_summary(out: Path, records: list[dict[str, Any]]) -> None:
 
 
 def publish(suite: Suite, records: list[dict[str, Any]]) -> None:
-    """Write the suite's records to its ``results`` file (committed; the results page is rendered from it)."""
+    """Write the suite's records to its ``results`` file (committed; the results page is rendered from it).
+
+    Run folders are not committed, so a cell recorded earlier whose folder is absent here (a fresh clone, another
+    machine, another ``--out``) keeps its published record; a cell finished here replaces it. Records of cells the
+    suite no longer holds are dropped. The file lists the cells in grid order.
+    """
+    order = [c.id for c in suite.cells()]
+    fresh = {r["id"]: {k: v for k, v in r.items() if k != "thresholds"} for r in records}
+    try:
+        earlier = json.loads(suite.results.read_text())["cells"] if suite.results.is_file() else []
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise DmddError(f"{suite.results} is not a results file of dmdd benchmark ({error}); restore it from git "
+                        "or delete it to publish only the cells finished here") from None  # fmt: skip
+    kept = {r["id"]: r for r in earlier if r["id"] in order} | fresh
     suite.results.parent.mkdir(parents=True, exist_ok=True)
-    slim = [{k: v for k, v in r.items() if k != "thresholds"} for r in records]
-    write_json(suite.results, {"suite": suite.name, "suite_file": str(suite.path), "cells": slim})
+    cells = [kept[i] for i in order if i in kept]
+    write_json(suite.results, {"suite": suite.name, "suite_file": str(suite.path), "cells": cells})
