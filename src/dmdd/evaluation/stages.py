@@ -14,7 +14,7 @@ beat all stages in at least 95 % of the resamples. A few rejects then choose onl
 rejects on magnetic_tile, where the candidates differ by less than a point, the best labelled pixel AUROC alone
 dropped all stages in 20 of 20 draws and cost 0.2 P-AUROC and 0.5 AU-PRO on the rest of the split; a sign-flip test
 over the rejects' own AUROCs kept all stages on tire too, where most of the gain comes from a few rejects
-(docs/results.md, section 5).
+(docs/decisions.md).
 """
 
 from __future__ import annotations

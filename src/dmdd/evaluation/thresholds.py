@@ -46,7 +46,7 @@ def normal_threshold_method(normal: np.ndarray, target_fpr: float) -> tuple[floa
     the scores and the threshold is the upper one-sided prediction bound m + t s sqrt(1 + 1/n) at level 1 - target
     (t: Student's t quantile, n - 1 degrees of freedom), never below the samples' maximum. Image scores are sums of
     standardised parts (they can be negative), so the fit is on the scores themselves; measured against the
-    maximum on subsampled hold-outs in docs/results.md, section 5. With fewer than 3 samples nothing can be fitted
+    maximum on subsampled hold-outs in docs/decisions.md. With fewer than 3 samples nothing can be fitted
     and the maximum is used (``max``).
     """
     from scipy import stats
