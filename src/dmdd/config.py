@@ -221,7 +221,9 @@ class SynthesisConfig:
         object_max_coverage_cv: auto policy: largest coefficient of variation of the coverage across images
             for an object category.
         object_max_crossings: auto policy: most foreground/background changes per image line for an object.
-        min_foreground_coverage: GrabCut results smaller than this fall back to Otsu, then whole image.
+        min_foreground_coverage: GrabCut results covering less of the image fall back to Otsu, then to the whole
+            image (0.2 %: a small part on a large plain background is an object, docs/deviations.md).
+        max_foreground_coverage: GrabCut results covering more of the image fall back the same way.
         max_mask_tries: bounded resampling of the Perlin mask when M is empty.
         foreground_cache_dir: optional disk cache for foreground masks.
         grey_textures_on_grey: turn the texture grey when the normal image is grey (equal channels), so grey
@@ -239,7 +241,8 @@ class SynthesisConfig:
     object_max_coverage: float = 0.9
     object_max_coverage_cv: float = 0.25
     object_max_crossings: float = 6.0
-    min_foreground_coverage: float = 0.02
+    min_foreground_coverage: float = 0.002
+    max_foreground_coverage: float = 0.98
     max_mask_tries: int = 10
     foreground_cache_dir: str | None = None
     grey_textures_on_grey: bool = True
@@ -252,6 +255,10 @@ class SynthesisConfig:
             raise ConfigError("synthesis.beta_max must be in [0, 1)")
         if not 0 <= self.perlin_max_scale_exp <= 8:
             raise ConfigError("synthesis.perlin_max_scale_exp must be in 0..8")
+        if not 0 <= self.min_foreground_coverage < self.max_foreground_coverage <= 1:
+            raise ConfigError("synthesis.min_foreground_coverage and max_foreground_coverage must satisfy "
+                              f"0 <= min < max <= 1, got {self.min_foreground_coverage} and "
+                              f"{self.max_foreground_coverage}")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """Foreground-aware Anomaly Synthesis: determinism, blend/mask alignment, foreground restriction, caching."""
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from conftest import SHARED_DATA, real_category
 
 from dmdd.config import SynthesisConfig
+from dmdd.errors import ConfigError
 from dmdd.data import AnomalySynthesizer, PairDataset, TextureSource, load_category
 from dmdd.data.foreground import ForegroundCache, foreground_mask, resolve_policy
 from dmdd.data.synthesis import AUGMENTERS, perlin_mask, perlin_noise
@@ -98,6 +100,45 @@ def test_foreground_policy_auto_object_vs_texture():
     textures = [(rng.random((64, 64, 3)) * 255).astype(np.uint8) for _ in range(4)]
     assert resolve_policy(textures, cfg, ForegroundCache(cfg)) == "texture"
     assert resolve_policy(objects, SynthesisConfig(foreground="texture"), ForegroundCache(cfg)) == "texture"
+
+
+def small_part_images(count: int, share: float, size: int = 128) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A dark elongated part covering ``share`` of a plain light image, at a different place and angle in each."""
+    rng = np.random.default_rng(3)
+    images, masks = [], []
+    for _ in range(count):
+        mask = np.zeros((size, size), np.uint8)
+        long_axis = np.sqrt(share * size * size / np.pi * 4)
+        centre = tuple(int(v) for v in rng.uniform(0.3, 0.7, 2) * size)
+        axes = (int(long_axis), max(2, int(share * size * size / (np.pi * long_axis))))
+        cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        image = np.where(mask[..., None] > 0, [60, 60, 70], [180, 180, 180]) + rng.normal(0, 4, (size, size, 3))
+        images.append(np.clip(image, 0, 255).astype(np.uint8))
+        masks.append(mask > 0)
+    return images, masks
+
+
+def test_a_small_part_on_a_plain_background_is_an_object_with_its_own_mask():
+    # a part covering 1 % of the frame: GrabCut finds it; it is not "almost nothing" (the 2 % of earlier versions
+    # replaced it by the whole image, which made the category a texture)
+    cfg = SynthesisConfig()
+    images, truths = small_part_images(8, 0.01)
+    cache = ForegroundCache(cfg)
+    assert resolve_policy(images, cfg, cache) == "object"
+    for image, truth in zip(images, truths):
+        found = cache.get(image)
+        assert (found & truth).sum() / (found | truth).sum() > 0.8
+    earlier = SynthesisConfig(min_foreground_coverage=0.02)
+    assert resolve_policy(images, earlier, ForegroundCache(earlier)) == "texture"
+    # a plain image without any part still falls back to the whole image
+    blank = np.full((64, 64, 3), 128, np.uint8)
+    assert foreground_mask(blank, cfg).all()
+
+
+@pytest.mark.parametrize("low, high", [(0.5, 0.4), (-0.1, 0.9), (0.0, 1.5)])
+def test_foreground_coverage_bounds_are_checked(low, high):
+    with pytest.raises(ConfigError, match="min_foreground_coverage"):
+        SynthesisConfig(min_foreground_coverage=low, max_foreground_coverage=high)
 
 
 def test_foreground_cache_computes_once_and_persists(tmp_path):

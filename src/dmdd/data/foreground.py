@@ -46,7 +46,7 @@ def foreground_mask(image: np.ndarray, cfg: SynthesisConfig) -> np.ndarray:
     small = (
         image if scale == 1.0 else cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
     )
-    low, high = cfg.min_foreground_coverage, 1.0 - cfg.min_foreground_coverage
+    low, high = cfg.min_foreground_coverage, cfg.max_foreground_coverage
     for method in (lambda: grabcut_foreground(small, cfg.grabcut_iterations), lambda: otsu_foreground(small)):
         fg = method()
         if low <= fg.mean() <= high:
@@ -70,7 +70,8 @@ class ForegroundCache:
     def _key(self, image: np.ndarray) -> str:
         h = hashlib.sha1(image.tobytes())
         h.update(
-            f"{image.shape}-{self.cfg.grabcut_iterations}-{self.cfg.grabcut_size}-{self.cfg.min_foreground_coverage}".encode()
+            f"{image.shape}-{self.cfg.grabcut_iterations}-{self.cfg.grabcut_size}-{self.cfg.min_foreground_coverage}"
+            f"-{self.cfg.max_foreground_coverage}".encode()
         )
         return h.hexdigest()
 
