@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="cells at once on the CPU, cores split between them (with GPUs: one cell per GPU)")  # fmt: skip
     p.add_argument("--only", help="run only the cells whose id (dataset/category/model/budget/seedN) contains this")
-    p.add_argument("--list", action="store_true", help="print the cells and which are finished; run nothing")
+    p.add_argument("--list", action="store_true", help="print the cells: done here, recorded in the results file only, or todo; run nothing")
     p.add_argument("--render", metavar="PAGE", help="regenerate the benchmark tables and figures of a markdown page")
     p.add_argument("--check", action="store_true", help="with --render: exit 1 if the page differs; write nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -392,7 +392,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from dmdd.benchmark import load_suite, render_page, run_suite
-    from dmdd.benchmark.runner import cell_dir, finished
+    from dmdd.benchmark.runner import cell_dir, finished, published
 
     if args.render:
         changed = render_page(Path(args.render), check=args.check)
@@ -403,10 +403,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         raise DmddError("pass a suite file (e.g. benchmarks/suites/dev.yaml) or --render PAGE")
     suite = load_suite(args.suite)
     out = Path(args.out or suite.output)
-    if args.list:
+    if args.list:  # "recorded": in the results file only (run elsewhere); running the suite here redoes it
+        recorded = published(suite)
         for cell in suite.cells():
-            state = "done" if finished(out, cell) else "todo"
-            print(f"{state}  {cell.id}  {cell_dir(out, cell)}")
+            state = "done" if finished(out, cell) else "recorded" if cell.id in recorded else "todo"
+            print(f"{state:8}  {cell.id}  {cell_dir(out, cell)}")
         return 0
     if args.threads:
         suite = dataclasses.replace(suite, threads=args.threads)
@@ -460,7 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tune_allocator()  # large tensors from the heap, not fresh pages: ~1.5-2x on CPU (dmdd.device)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe fails here, where it is handled, not at interpreter exit
+        return code
     except DmddError as exc:
         if args.debug:
             raise
@@ -469,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dmdd: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of piped output stopped (`dmdd benchmark S --list | head`): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def test_a_tiny_suite_runs_skips_finished_cells_and_records_failures(tmp_path, t
     assert [f["id"] for f in second["failed"]] == ["gen/metal/broken/2steps/seed0"]
 
 
-def test_publishing_keeps_the_recorded_cells_whose_run_folders_are_not_here(tmp_path, tiny_tree):
+def test_publishing_keeps_the_recorded_cells_whose_run_folders_are_not_here(tmp_path, tiny_tree, capsys):
     # run folders are not committed: a fresh clone running one cell must not drop the cells recorded elsewhere
     from dmdd.benchmark.runner import publish
 
@@ -138,6 +138,17 @@ def test_publishing_keeps_the_recorded_cells_whose_run_folders_are_not_here(tmp_
     # grid order; the fresh record replaces the earlier one; a cell the suite no longer holds is dropped
     assert [(c["id"], c["source"]) for c in cells] == [(ids[0], "here"), (ids[1], "here"), (ids[3], "earlier")]
     assert "thresholds" not in cells[0]
+    # --list tells the cells recorded elsewhere from those never run
+    assert main(["benchmark", str(path), "--list"]) == 0
+    states = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert states == ["recorded", "recorded", "todo", "recorded"]
+    # a reader that stops early (`| head`) ends the listing quietly: here the pipe is closed before anything is written
+    env = os.environ | {"PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "dmdd.cli", "benchmark", str(path), "--list"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and "Error" not in stderr, stderr
     results.write_text("{not json")
     with pytest.raises(DmddError, match=r"published\.json is not a results file.*restore it from git"):
         publish(suite, [])

@@ -7,10 +7,10 @@ import torch
 from conftest import SHARED_DATA, real_category
 
 from dmdd.config import SynthesisConfig
-from dmdd.errors import ConfigError
 from dmdd.data import AnomalySynthesizer, PairDataset, TextureSource, load_category
 from dmdd.data.foreground import ForegroundCache, foreground_mask, resolve_policy
 from dmdd.data.synthesis import AUGMENTERS, perlin_mask, perlin_noise
+from dmdd.errors import ConfigError
 
 
 def object_image(size=64) -> np.ndarray:

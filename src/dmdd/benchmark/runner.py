@@ -173,6 +173,17 @@ def write_summary(out: Path, records: list[dict[str, Any]]) -> None:
     (out / "summary.md").write_text(suite_markdown(records))
 
 
+def published(suite: Suite) -> dict[str, dict[str, Any]]:
+    """The records in the suite's ``results`` file by cell id (empty without one)."""
+    if suite.results is None or not suite.results.is_file():
+        return {}
+    try:
+        return {r["id"]: r for r in json.loads(suite.results.read_text())["cells"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise DmddError(f"{suite.results} is not a results file of dmdd benchmark ({error}); restore it from git "
+                        "or delete it to publish only the cells finished here") from None  # fmt: skip
+
+
 def publish(suite: Suite, records: list[dict[str, Any]]) -> None:
     """Write the suite's records to its ``results`` file (committed; the results page is rendered from it).
 
@@ -182,12 +193,7 @@ def publish(suite: Suite, records: list[dict[str, Any]]) -> None:
     """
     order = [c.id for c in suite.cells()]
     fresh = {r["id"]: {k: v for k, v in r.items() if k != "thresholds"} for r in records}
-    try:
-        earlier = json.loads(suite.results.read_text())["cells"] if suite.results.is_file() else []
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise DmddError(f"{suite.results} is not a results file of dmdd benchmark ({error}); restore it from git "
-                        "or delete it to publish only the cells finished here") from None  # fmt: skip
-    kept = {r["id"]: r for r in earlier if r["id"] in order} | fresh
+    kept = {i: r for i, r in published(suite).items() if i in order} | fresh
     suite.results.parent.mkdir(parents=True, exist_ok=True)
     cells = [kept[i] for i in order if i in kept]
     write_json(suite.results, {"suite": suite.name, "suite_file": str(suite.path), "cells": cells})
