@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="cells at once on the CPU, cores split between them (with GPUs: one cell per GPU)")  # fmt: skip
     p.add_argument("--only", help="run only the cells whose id (dataset/category/model/budget/seedN) contains this")
-    p.add_argument("--list", action="store_true", help="print the cells: done here, recorded in the results file only, or todo; run nothing")
+    p.add_argument("--list", action="store_true",
+                   help="print the cells: done here, recorded in the results file only, or todo; run nothing")
     p.add_argument("--render", metavar="PAGE", help="regenerate the benchmark tables and figures of a markdown page")
     p.add_argument("--check", action="store_true", help="with --render: exit 1 if the page differs; write nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

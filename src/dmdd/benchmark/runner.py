@@ -191,9 +191,8 @@ def publish(suite: Suite, records: list[dict[str, Any]]) -> None:
     machine, another ``--out``) keeps its published record; a cell finished here replaces it. Records of cells the
     suite no longer holds are dropped. The file lists the cells in grid order.
     """
-    order = [c.id for c in suite.cells()]
     fresh = {r["id"]: {k: v for k, v in r.items() if k != "thresholds"} for r in records}
-    kept = {i: r for i, r in published(suite).items() if i in order} | fresh
+    kept = published(suite) | fresh
     suite.results.parent.mkdir(parents=True, exist_ok=True)
-    cells = [kept[i] for i in order if i in kept]
+    cells = [kept[c.id] for c in suite.cells() if c.id in kept]  # grid order; ids the suite no longer has drop out
     write_json(suite.results, {"suite": suite.name, "suite_file": str(suite.path), "cells": cells})
