@@ -353,7 +353,7 @@ def test_the_committed_results_pages_match_their_records():
     # every generated table of README.md and the docs pages equals what its committed records give today
     pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
     rendered = [p for p in pages if re.search(r"^<!-- benchmark: ", p.read_text(), re.M)]  # not the indented example
-    assert {"README.md", "results.md", "decisions.md", "small-defects.md"} <= {p.name for p in rendered}
+    assert {"README.md", "results.md", "decisions.md", "small-defects.md", "diagnosis.md"} <= {p.name for p in rendered}
     for page in rendered:
         assert render_page(page, check=True) == [], page
 

@@ -5,7 +5,7 @@ The distillation maps compare student and teacher everywhere in the image. On an
 background, the background is what the student learns least (it carries no structure to distil, only sensor noise
 and shading), and its discrepancies there rank above faint defects on the part: on tire, at the threshold that
 flags 1 % of good pixels, 47 % of dmdd's false alarms fell on the background, against 3 % of PatchCore's
-(docs/results.md, section 6).
+(docs/diagnosis.md).
 
 The support is the union of the foreground masks that the synthesis already finds on every training image (GrabCut,
 :mod:`dmdd.data.foreground`), dilated by 1/32 of the image side and smoothed: 1 wherever some good training image
