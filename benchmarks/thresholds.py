@@ -12,14 +12,14 @@ and the good-images-only calibration from held-out sets of a few images.
    maximum (before) or, now, a normal tail fitted to the scores (dmdd.evaluation.thresholds); false alarms and
    recall on the whole test split.
 
-3. With ``--choose-stages``, the labelled images also choose the map (``dmdd calibrate --choose-stages``,
-   dmdd.evaluation.stages): every candidate (all stages, all but one) is refitted on the held-out good training
-   images and scores the test split once; in each draw of part 1 the drawn images (with their masks) choose a
-   candidate, and the rest of the split measures the chosen map against all stages (pixel AUROC, AU-PRO, image
-   AUROC, and each rule's recall and false alarms).
+3. With ``--choose-map``, the labelled images also choose the map (``dmdd calibrate --choose-map``,
+   dmdd.evaluation.stages): every candidate (the trained map, each stage left out and, on textures, the wider
+   regional window) is refitted on the training images and scores the test split once; in each draw of part 1 the
+   drawn images (with their masks) choose a candidate, and the rest of the split measures the chosen map against the
+   trained map (pixel AUROC, AU-PRO, image AUROC, and each rule's recall and false alarms).
 
     python benchmarks/thresholds.py runs/benchmark/dev/tire/tire/dmdd-lite0-250steps-seed0/run/last.pt \
-        --category tire --choose-stages --out docs/results/thresholds_tire.json
+        --category tire --choose-map --out docs/results/thresholds_tire.json
 """
 
 from __future__ import annotations
@@ -36,7 +36,15 @@ from dmdd.device import select_device
 from dmdd.evaluation import metrics
 from dmdd.evaluation.labelled import labelled_thresholds, parse_rule
 from dmdd.evaluation.predictions import predict_split
-from dmdd.evaluation.stages import ALL, choose, labelled_pixel_auroc, stage_candidates, statistics_inputs, use_stages
+from dmdd.evaluation.stages import (
+    ALL,
+    choose,
+    labelled_pixel_auroc,
+    map_candidates,
+    regional_refitter,
+    statistics_inputs,
+    use_candidate,
+)
 from dmdd.evaluation.thresholds import best_detection_at, normal_threshold_method
 from dmdd.training.loop import split_holdout
 
@@ -101,18 +109,20 @@ def normal_only_study(holdout: np.ndarray, scores: np.ndarray, labels: np.ndarra
     return rows
 
 
-def stage_study(model, cfg, holdout, test_records, device, rules: list[str], per_class: int, draws: int,
+def stage_study(model, cfg, holdout, train, test_records, device, rules: list[str], per_class: int, draws: int,
                 seed: int, pooled_holdout: bool = True) -> dict:  # fmt: skip
-    """Part 3: the labelled images of each draw choose the map; the rest measures it against all stages. The rules
-    pool the held-out good images scored with the chosen map (``pooled_holdout``: they were not trained on)."""
+    """Part 3: the labelled images of each draw choose the map; the rest measures it against the trained map. The
+    rules pool the held-out good images scored with the chosen map (``pooled_holdout``: they were not trained on)."""
     stats_images = statistics_inputs(holdout, cfg)
+    candidates = map_candidates(cfg, model.regional is not None)
+    refit = regional_refitter(model, train, cfg, device) if model.regional is not None else None
     runs, held = {}, {}
-    for name, stages in stage_candidates(cfg).items():
-        candidate = use_stages(model, cfg, stages, stats_images, device)
+    for name, change in candidates.items():
+        candidate = use_candidate(model, cfg, change, stats_images, device, refit)
         runs[name] = predict_split(model, test_records, candidate, device)
         held[name] = predict_split(model, holdout, candidate, device).scores if pooled_holdout else None
         print(f"candidate {name}: pixel AUROC {labelled_pixel_auroc(runs[name]):.4f}", flush=True)
-    use_stages(model, cfg, None, stats_images, device)
+    use_candidate(model, cfg, candidates[ALL], stats_images, device, refit)
     labels = runs[ALL].labels
     known = runs[ALL].pixel_labelled()
 
@@ -139,7 +149,7 @@ def stage_study(model, cfg, holdout, test_records, device, rules: list[str], per
             per_rule[rule_text]["recall"].append(float((p.scores[rest][labels[rest] == 1] >= t).mean()))
             per_rule[rule_text]["fa"].append(float((p.scores[rest][labels[rest] == 0] >= t).mean()))
         print(f"draw {draw}: {name}; rest pixel AUROC {per_variant['chosen'][-1]['pixel_auroc']:.4f} "
-              f"(all stages {per_variant['all'][-1]['pixel_auroc']:.4f})", flush=True)
+              f"(trained map {per_variant['all'][-1]['pixel_auroc']:.4f})", flush=True)
     whole = {name: {"pixel_auroc": labelled_pixel_auroc(p), "image_auroc": metrics.auroc(labels, p.scores)}
              for name, p in runs.items()}  # fmt: skip
     return {
@@ -159,18 +169,21 @@ def main() -> int:
     p.add_argument("--holdout-sizes", default="5,10,20")
     p.add_argument("--target-fpr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--choose-stages", action="store_true", help="part 3: the labelled images also choose the map")
+    p.add_argument("--choose-map", "--choose-stages", dest="choose_map", action="store_true",
+                   help="part 3: the labelled images also choose the map")
+    p.add_argument("--label", help="the name a stacked table gives these results (default: the category)")
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args()
     model, _, cfg = open_checkpoint(args)
     device = select_device("cpu")
     category = load_category(args.data, args.category)
-    _, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
+    train, holdout = split_holdout(category.train, cfg.train.holdout_fraction, cfg.train.seed)
     test = predict_split(model, category.test, cfg, device)
     held = predict_split(model, holdout, cfg, device).scores
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
-        "checkpoint": str(args.checkpoint), "category": args.category, "commit": commit,
+        "checkpoint": str(args.checkpoint), "category": args.category, "label": args.label or args.category,
+        "commit": commit,
         "test_good": int((test.labels == 0).sum()), "test_defective": int((test.labels == 1).sum()),
         "held_out_good": int(held.size),
         # what the ranking allows on the whole test split: the best recall at each false-alarm rate
@@ -183,8 +196,8 @@ def main() -> int:
                                          [int(s) for s in args.holdout_sizes.split(",")], args.target_fpr,
                                          args.draws, args.seed),
     }  # fmt: skip
-    if args.choose_stages:
-        result["stages"] = stage_study(model, cfg, holdout or category.train, category.test, device,
+    if args.choose_map:
+        result["stages"] = stage_study(model, cfg, holdout or category.train, train, category.test, device,
                                        args.rules.split(","), args.labelled, args.draws, args.seed,
                                        pooled_holdout=bool(holdout))  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

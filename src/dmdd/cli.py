@@ -114,10 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="f1 (best F1 on the labelled images, default), fpr=X (expected false-alarm rate X on new "
                         "good parts, from the good images alone) or recall-at-fpr=X (the same limit, placed "
                         "half-way to the next reject)")  # fmt: skip
-    p.add_argument("--choose-stages", action="store_true",
-                   help="let the rejects' masks choose which stages' maps the anomaly map adds up (all, or all but "
-                        "one); refits the map's statistics on the run's held-out good training images")  # fmt: skip
-    p.add_argument("--data-root", help="where the training data is now, for --choose-stages (default: the "
+    p.add_argument("--choose-map", "--choose-stages", dest="choose_map", action="store_true",
+                   help="let the rejects' masks choose the anomaly map: which stages' maps it adds up (all, or all "
+                        "but one) and, on textures, the regional map's stage-3 window (trained, or wider); refits "
+                        "the map's statistics on the run's held-out good training images (--choose-stages: the "
+                        "earlier name)")  # fmt: skip
+    p.add_argument("--data-root", help="where the training data is now, for --choose-map (default: the "
                                        "checkpoint's data.root)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print what would be stored; leave the checkpoint as is")
     p.add_argument("--reset", action="store_true",
@@ -354,15 +356,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     if args.reset:
-        if args.normal_dir or args.abnormal_dir or args.dry_run or args.choose_stages:
-            raise DmddError("--reset takes no images, no --dry-run and no --choose-stages: it only removes the "
+        if args.normal_dir or args.abnormal_dir or args.dry_run or args.choose_map:
+            raise DmddError("--reset takes no images, no --dry-run and no --choose-map: it only removes the "
                             "labelled thresholds (and a chosen map)")  # fmt: skip
         report = reset_checkpoint(args.checkpoint)
         print(json.dumps(report, indent=1) if args.json else f"thresholds now: {report['describe']}")
         return 0
     report = calibrate_checkpoint(args.checkpoint, args.normal_dir, _named_dirs(args.abnormal_dir), args.mask_dir,
                                   args.rule, args.device or "auto", dry_run=args.dry_run,
-                                  choose_stages=args.choose_stages, data_root=args.data_root)  # fmt: skip
+                                  choose_map=args.choose_map, data_root=args.data_root)  # fmt: skip
     print(json.dumps(report, indent=1) if args.json else summary(report))
     return 0
 

@@ -110,6 +110,11 @@ class ModelConfig:
             scores each window by its distance to the nearest of them in the Gaussian's metric; 0 scores the
             distance to the Gaussian's mean (checkpoints written before the bank read as 0). Deviation,
             docs/deviations.md.
+        regional_windows: the regional map's window sides, in cells of teacher stages 2 and 3 (odd): 7 and 5 by
+            default (7 x 8 and 5 x 16 pixels at 256 px). A larger stage-3 window sees defects that change a large
+            area a little (magnetic_tile's "uneven"), a smaller one keeps small defects sharp; ``dmdd calibrate
+            --choose-map`` can widen the stage-3 window where labelled rejects with masks show it helps
+            (docs/deviations.md).
         foreground_support: multiply the anomaly map by where the object can be: the union of the training
             images' foreground masks, dilated and smoothed (:mod:`dmdd.models.support`). ``auto`` (default) turns it
             on for objects (the synthesis' foreground policy) without tiles and off otherwise (the checkpoint stores
@@ -126,7 +131,7 @@ class ModelConfig:
         map_stages: which stages' maps (of each branch) enter the fusion; all four are still trained.
         fused_stages: of ``map_stages``, the stages whose maps the plain sum adds up (``null``: all of them). All
             ``map_stages`` maps are still computed and standardised, so this can change on a trained model:
-            ``dmdd calibrate --choose-stages`` sets it from labelled rejects with masks (deviation,
+            ``dmdd calibrate --choose-map`` sets it from labelled rejects with masks (deviation,
             docs/deviations.md). Needs ``msn: false`` (the MSN weighs its input maps itself).
         map_sigma: Gaussian smoothing (standard deviation in pixels at ``image_size``) of the final anomaly map;
             0 turns it off.
@@ -153,6 +158,7 @@ class ModelConfig:
     global_stages: tuple[int, ...] = (2, 3, 4)
     regional_score: str = "auto"
     regional_bank: int = 4096
+    regional_windows: tuple[int, ...] = (7, 5)
     foreground_support: str = "auto"
     student_bn_frozen: bool = True
     map_normalization: bool = True
@@ -196,6 +202,15 @@ class ModelConfig:
             raise ConfigError(f"model.regional_score must be auto|on|off, got {self.regional_score!r}")
         if self.regional_bank < 0:
             raise ConfigError(f"model.regional_bank must be >= 0 (0: the distance to the mean), got {self.regional_bank}")
+        windows = self.regional_windows
+        try:
+            windows = tuple(int(k) for k in windows)
+        except (TypeError, ValueError):
+            windows = ()
+        if len(windows) != 2 or not all(k >= 1 and k % 2 for k in windows):
+            raise ConfigError(f"model.regional_windows must be two odd window sides (stages 2 and 3, in cells), got "
+                              f"{self.regional_windows!r}")  # fmt: skip
+        object.__setattr__(self, "regional_windows", windows)
         if self.foreground_support not in ("auto", "on", "off"):
             raise ConfigError(f"model.foreground_support must be auto|on|off, got {self.foreground_support!r}")
         if self.foreground_support == "on" and self.tile:

@@ -35,8 +35,9 @@ def set_aside_other_model(out: Path, cfg: Config) -> Path | None:
     if not ckpt.is_file():
         return None
     stored, wanted = dict(load_checkpoint(ckpt)["config"]["model"]), cfg.to_dict()["model"]
-    for model in (stored, wanted):  # chosen after training (dmdd calibrate --choose-stages), not a training setting
+    for model in (stored, wanted):  # chosen after training (dmdd calibrate --choose-map), not training settings
         model.pop("fused_stages", None)
+        model.pop("regional_windows", None)
     for key in ("regional_score", "foreground_support"):  # the run stores them resolved by the (same) data
         if wanted[key] == "auto":
             wanted[key] = stored.get(key, "auto")

@@ -428,7 +428,7 @@ def test_the_threshold_driver_runs_on_a_tiny_model_and_its_tables_render(tiny_tr
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thresholds.py"), str(ckpt), "--data",
                            str(tiny_tree.parent), "--category", "metal", "--out", str(out), "--labelled", "2",
                            "--draws", "3", "--rules", "f1,fpr=0.5", "--holdout-sizes", "1,2", "--threads", "1",
-                           "--choose-stages"],
+                           "--choose-map"],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -444,8 +444,10 @@ def test_the_threshold_driver_runs_on_a_tiny_model_and_its_tables_render(tiny_tr
     assert {(r["held_out"], r["method"]) for r in data["normal_only"]} == {
         (1, "dmdd: max"), (1, "before: maximum"), (2, "dmdd: max"), (2, "before: maximum")}
     assert labelled_table(data).count("\n") == 5 and normal_only_table(data).count("\n") == 4
-    stages = data["stages"]  # part 3: every draw chose one of the five candidates; "all" is the trained map
-    assert sum(stages["chosen"].values()) == 3 and set(stages["chosen"]) == {"all", *(f"without stage {s}" for s in "1234")}
+    stages = data["stages"]  # part 3: every draw chose one of the six candidates (a texture: the wider regional
+    # window too); "all" is the trained map
+    assert sum(stages["chosen"].values()) == 3
+    assert set(stages["chosen"]) == {"all", *(f"without stage {s}" for s in "1234"), "stage-3 window 9"}
     for key in ("pixel_auroc", "au_pro", "image_auroc"):
         assert 0 <= stages["rest"]["chosen"][key]["mean"] <= 1 and 0 <= stages["rest"]["all"][key]["mean"] <= 1
     if stages["chosen"]["all"] == 3:

@@ -246,7 +246,7 @@ def _pairwise_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((below + 0.5 * ties).sum() / (pos.size * neg.size))
 
 
-def test_choose_stages_keeps_what_the_rejects_show_refits_the_map_and_reset_restores_the_trained_one(
+def test_choose_map_keeps_what_the_rejects_show_refits_the_map_and_reset_restores_the_trained_one(
         ckpt, tiny_tree, capsys, monkeypatch):  # fmt: skip
     from dmdd.data.datasets import folder_test_records
     from dmdd.evaluation.stages import training_holdout
@@ -264,16 +264,20 @@ def test_choose_stages_keeps_what_the_rejects_show_refits_the_map_and_reset_rest
     stored = load_checkpoint(ckpt)
     report = stored["thresholds"]["labelled"]["stages"]
     candidates = report["candidates"]
-    assert list(candidates) == ["all"] + [f"without stage {s}" for s in (1, 2, 3, 4)]
-    assert f"stages: {report['chosen']}" in printed and "% of resamples" in printed and report["masked_rejects"] == 2
+    # the tiny set is a texture: the regional map is on, and its wider stage-3 window is a candidate
+    assert original["config"]["model"]["regional_score"] == "on"
+    assert list(candidates) == ["all"] + [f"without stage {s}" for s in (1, 2, 3, 4)] + ["stage-3 window 9"]
+    assert f"map: {report['chosen']}" in printed and "% of resamples" in printed and report["masked_rejects"] == 2
     # "all", refitted on the same held-out images, is the trained map (to float rounding): its labelled pixel AUROC
     assert candidates["all"]["pixel_auroc"] == pytest.approx(
         _pairwise_auroc(before.masks[known].ravel() > 0, before.maps[known].ravel()), abs=1e-4)
     qualified = {name: c["gain"] for name, c in list(candidates.items())[1:]
                  if c["gain"] > 0 and c["resamples_with_gain"] >= 0.95}  # fmt: skip
     assert report["chosen"] == (max(qualified, key=qualified.get) if qualified else "all")
-    chosen = [s for s in (1, 2, 3, 4) if f"stage {s}" not in report["chosen"]] if qualified else None
-    assert stored["config"]["model"]["fused_stages"] == chosen
+    without = [s for s in (1, 2, 3, 4) if report["chosen"] == f"without stage {s}"]
+    assert stored["config"]["model"]["fused_stages"] == ([s for s in (1, 2, 3, 4) if s not in without] if without
+                                                         else None)  # fmt: skip
+    assert stored["config"]["model"]["regional_windows"] == [7, 9 if report["chosen"] == "stage-3 window 9" else 5]
 
     # where the rejects do show a gain (the rule itself: tests/evaluation/test_stages.py), the checkpoint adds up the
     # chosen maps, with statistics refitted for them: the image score's map part is standardised over the held-out
@@ -298,26 +302,43 @@ def test_choose_stages_keeps_what_the_rejects_show_refits_the_map_and_reset_rest
         after.scores[after.labels == 0], after.scores[after.labels == 1], "f1", None)
     from dmdd.evaluation.labelled import describe
 
-    assert describe(stored["thresholds"]).endswith("; map of stages 1, 2, 3 (chosen on their masks)")
+    assert describe(stored["thresholds"]).endswith("; map of stages 1, 2, 3, regional windows 7 and 5 (chosen on their "
+                                                   "masks)")  # fmt: skip
+
+    # a second choice, the wider regional window (with --choose-map's name): the regional Gaussian and bank are
+    # refitted on the training images for a 9-cell window, stored with the window, and the map changes with them
+    monkeypatch.setattr(stages, "choose", lambda runs, index=None: ("stage-3 window 9", {}))
+    assert main(["calibrate", str(ckpt), *labelled_args(tiny_tree), "--choose-map", "--threads", "1"]) == 0
+    stored = load_checkpoint(ckpt)
+    assert stored["config"]["model"]["regional_windows"] == [7, 9]
+    assert stored["config"]["model"]["fused_stages"] is None
+    assert not torch.equal(stored["model"]["regional.bank3"], original["model"]["regional.bank3"])
+    assert torch.equal(stored["model"]["regional.bank2"], original["model"]["regional.bank2"])
+    model, payload = restore_model(ckpt)
+    assert model.regional.windows == {2: 7, 3: 9}
+    wide = predict_split(model, records, config_of(payload), torch.device("cpu"))
+    assert not np.allclose(wide.maps, before.maps) and not np.allclose(wide.maps, after.maps)
+    assert describe(stored["thresholds"]).endswith("; map of stages 1, 2, 3, 4, regional windows 7 and 9 (chosen on "
+                                                   "their masks)")  # fmt: skip
 
     assert main(["calibrate", str(ckpt), "--reset"]) == 0
     back = load_checkpoint(ckpt)
-    assert back["config"]["model"].get("fused_stages") == original["config"]["model"].get("fused_stages")
+    assert back["config"]["model"] == original["config"]["model"]
     assert all(torch.equal(back["model"][k], v) for k, v in original["model"].items())
     assert back["thresholds"] == original["thresholds"] and "before_stage_choice" not in back
 
 
-def test_choose_stages_refuses_without_masks_or_training_data_and_on_the_msn(ckpt, tiny_tree, tmp_path, capsys):
+def test_choose_map_refuses_without_masks_or_training_data_and_on_the_msn(ckpt, tiny_tree, tmp_path, capsys):
     from dmdd.config import Config
     from dmdd.errors import DmddError
-    from dmdd.evaluation.stages import choose_stages
+    from dmdd.evaluation.stages import choose_map
     from dmdd.models.dmdd import DMDD
 
     original = ckpt.read_bytes()
     test = tiny_tree / "test"
     no_masks = ["--normal-dir", str(test / "good"), "--abnormal-dir", str(test / "scratch")]
     moved = tmp_path / "moved"
-    for args, message in [(no_masks, "--choose-stages needs masks"),
+    for args, message in [(no_masks, "--choose-map needs masks"),
                           ([*labelled_args(tiny_tree), "--data-root", str(moved)], "pass --data-root DIR")]:  # fmt: skip
         assert main(["calibrate", str(ckpt), *args, "--choose-stages"]) == 2
         err = capsys.readouterr().err.strip()
@@ -329,7 +350,7 @@ def test_choose_stages_refuses_without_masks_or_training_data_and_on_the_msn(ckp
     assert ckpt.read_bytes() == original
     cfg = Config().replace(model={"backbone": "efficientnet_lite0", "image_size": 64, "msn": True, "pretrained": False})
     with pytest.raises(DmddError, match="needs the plain-sum model"):
-        choose_stages(DMDD(cfg.model), cfg, [], lambda c: None, torch.device("cpu"))
+        choose_map(DMDD(cfg.model), cfg, [], [], lambda c: None, torch.device("cpu"))
 
 
 def test_a_map_of_chosen_stages_exports_to_onnx_with_the_same_maps(ckpt, tiny_tree):

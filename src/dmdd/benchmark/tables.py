@@ -312,10 +312,10 @@ def labelled_table(data: dict[str, Any]) -> str:
 
 
 def stages_table(data: dict[str, Any]) -> str:
-    """benchmarks/thresholds.py, part 3: the map chosen by a few labelled images against all stages, on the rest of
-    the test split (mean ± sd over draws); how often each candidate was chosen."""
+    """benchmarks/thresholds.py, part 3: the map chosen by a few labelled images against the trained map, on the rest
+    of the test split (mean ± sd over draws); how often each candidate was chosen."""
     st = data["stages"]
-    head = ["labelled", "draws", "chosen", "P-AUROC: chosen / all stages", "AU-PRO", "I-AUROC",
+    head = ["labelled", "draws", "chosen", "P-AUROC: chosen / trained map", "AU-PRO", "I-AUROC",
             "best recall at 10 % false alarms"]  # fmt: skip
     chosen = ", ".join(f"{name} {count}" for name, count in st["chosen"].items() if count)
     cells = [st["labelled"], st["draws"], chosen]
@@ -449,7 +449,8 @@ def _load(source: Path) -> dict[str, Any]:
 
 def render_block(sources: Path | list[Path], kind: str) -> str:
     """The table of one block. Several files (``a.json,b.json`` in the block): suite records are pooled into one
-    table; a driver's tables are stacked under one header with a first column naming each file's category."""
+    table; a driver's tables are stacked under one header with a first column naming each file's label (default:
+    its category)."""
     sources = [sources] if isinstance(sources, Path) else sources
     if kind not in FILE_RENDERERS and kind not in RENDERERS:
         known = sorted(RENDERERS | FILE_RENDERERS)
@@ -464,7 +465,7 @@ def render_block(sources: Path | list[Path], kind: str) -> str:
         head, sep, *rows = FILE_RENDERERS[kind](d).splitlines()
         if not lines:
             lines = ["| set " + head, "|---" + sep]
-        lines += [f"| {d.get('category', source.stem)} " + row for row in rows]
+        lines += [f"| {d.get('label') or d.get('category', source.stem)} " + row for row in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -267,8 +267,7 @@ def describe(thresholds: dict[str, Any] | None) -> str:
     if mode == "labelled":
         lab = thresholds["labelled"]
         stages = lab.get("stages") or {}
-        maps = (f"; map of stages {', '.join(map(str, stages['fused_stages']))} (chosen on their masks)"
-                if stages.get("chosen", "all") != "all" else "")  # fmt: skip
+        maps = f"; {_map_words(stages)} (chosen on their masks)" if stages.get("chosen", "all") != "all" else ""
         pool = lab.get("held_out_good") or {}
         pooled = f" and {pool['count']} held-out good training images" if pool.get("pooled") else ""
         return (f"labelled: rule {lab['rule']} on {lab['good_images']} good + {lab['defective_images']} defective "
@@ -298,13 +297,13 @@ def _decodable(records: list, size: int, resize: str) -> tuple[list, list[str]]:
 
 def calibrate_checkpoint(checkpoint: str | Path, normal_dir: str | Path | None, abnormal_dirs: dict[str, Path],
                          mask_dir: str | Path | None = None, rule_text: str = "f1", device_name: str = "auto",
-                         dry_run: bool = False, choose_stages: bool = False,
+                         dry_run: bool = False, choose_map: bool = False,
                          data_root: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Score labelled images with a checkpoint, set the thresholds by the rule, estimate what a user will see and,
     unless ``dry_run``, store them in the checkpoint with their provenance (written atomically).
 
-    With ``choose_stages`` the labelled masks first choose which stages' maps the anomaly map adds up
-    (:mod:`dmdd.evaluation.stages`); the maps' statistics and training's good-image thresholds are refitted for
+    With ``choose_map`` the labelled masks first choose the anomaly map: which stages' maps it adds up and, on
+    textures, the regional map's window (:mod:`dmdd.evaluation.stages`); the maps' statistics and training's good-image thresholds are refitted for
     the chosen map on the run's held-out good training images (read from ``data_root``, default the checkpoint's),
     and what they replace is kept in the checkpoint so that ``--reset`` restores it.
 
@@ -335,13 +334,15 @@ def calibrate_checkpoint(checkpoint: str | Path, normal_dir: str | Path | None, 
     check_rule(labels.count(0), labels.count(1), "f1", None)  # the rate is checked once held-out images may join
     masks = sum(r.mask is not None for r in records)
     base, stage_report = payload.get("thresholds"), None
-    if choose_stages:
+    if choose_map:
         if masks == 0:
-            raise DmddError("--choose-stages needs masks of the defective images (--mask-dir DIR, one per reject by "
-                            "file stem): the stages are chosen by how well the defects' pixels are ranked")  # fmt: skip
-        holdout = stages.training_holdout(cfg, data_root)
-        cfg, p, stage_report = stages.choose_stages(model, cfg, holdout,
-                                                    lambda c: predict_split(model, records, c, device), device)
+            raise DmddError("--choose-map needs masks of the defective images (--mask-dir DIR, one per reject by "
+                            "file stem): the map is chosen by how well the defects' pixels are ranked")  # fmt: skip
+        train, holdout = stages.training_split(cfg, data_root)
+        trained = (payload.get(BEFORE_STAGES) or {}).get("regional_windows")  # an earlier choice kept the trained
+        cfg, p, stage_report = stages.choose_map(model, cfg, holdout, train,
+                                                 lambda c: predict_split(model, records, c, device), device,
+                                                 tuple(trained) if trained else None)  # fmt: skip
         base = calibrate(model, holdout, cfg, device)  # training's good-image thresholds, for the chosen map
     else:
         p = predict_split(model, records, cfg, device)
@@ -378,11 +379,17 @@ def _store_stage_choice(stored: dict[str, Any], model, cfg) -> None:
     (the first time) for ``--reset``."""
     changed = {name: buf.detach().cpu().clone() for name, buf in model.named_buffers()
                if name in stored["model"] and not _same_tensor(stored["model"][name], buf)}  # fmt: skip
+    model_cfg = stored["config"]["model"]
     if BEFORE_STAGES not in stored:
-        stored[BEFORE_STAGES] = {"fused_stages": stored["config"]["model"].get("fused_stages"),
+        stored[BEFORE_STAGES] = {"fused_stages": model_cfg.get("fused_stages"),
+                                 "regional_windows": model_cfg.get("regional_windows"),
                                  "buffers": {name: stored["model"][name] for name in changed},
                                  "thresholds": stored.get("thresholds")}  # fmt: skip
-    stored["config"]["model"]["fused_stages"] = None if cfg.model.fused_stages is None else list(cfg.model.fused_stages)
+    else:  # buffers an earlier choice changed keep their trained values; those it did not change are added
+        before = stored[BEFORE_STAGES]["buffers"]
+        before |= {name: stored["model"][name] for name in changed if name not in before}
+    model_cfg["fused_stages"] = None if cfg.model.fused_stages is None else list(cfg.model.fused_stages)
+    model_cfg["regional_windows"] = list(cfg.model.regional_windows)
     stored["model"].update(changed)
 
 
@@ -393,13 +400,16 @@ def _same_tensor(a, b) -> bool:
 
 
 def reset_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
-    """Remove the labelled thresholds: training's decide again (and, after ``--choose-stages``, training's map)."""
+    """Remove the labelled thresholds: training's decide again (and, after ``--choose-map``, training's map)."""
     from dmdd.checkpoint import load_checkpoint, save_checkpoint
 
     stored = load_checkpoint(checkpoint)
     before = stored.pop(BEFORE_STAGES, None)
     if before is not None:
         stored["config"]["model"]["fused_stages"] = before["fused_stages"]
+        stored["config"]["model"].pop("regional_windows", None)  # written before the option: the default
+        if before.get("regional_windows") is not None:
+            stored["config"]["model"]["regional_windows"] = before["regional_windows"]
         stored["model"].update(before["buffers"])
         stored["thresholds"] = before["thresholds"]
         if (stored["thresholds"] or {}).get("mode") == "labelled":
@@ -452,10 +462,17 @@ def _held_out_lines(pool: dict[str, Any] | None) -> list[str]:
             f"images (Mann-Whitney p = {pool['p_value']:.2g}): the parts may have changed since training"]  # fmt: skip
 
 
+def _map_words(report: dict[str, Any]) -> str:
+    """'map of stages 1, 2, 3' and, with a regional map, ', regional windows 7 and 9'."""
+    words = f"map of stages {', '.join(map(str, report['fused_stages']))}"
+    windows = report.get("regional_windows")
+    return words + (f", regional windows {windows[0]} and {windows[1]}" if windows else "")
+
+
 def _stage_lines(report: dict[str, Any] | None) -> list[str]:
     if not report:
         return []
-    lines = [f"stages: {report['chosen']} (map of stages {', '.join(map(str, report['fused_stages']))}), by "
+    lines = [f"map: {report['chosen']} ({_map_words(report)}), by "
              f"{report['masked_rejects']} masked rejects; statistics and training's thresholds refitted on "
              f"{report['holdout_images']} held-out good training images"]  # fmt: skip
     for name, c in report["candidates"].items():

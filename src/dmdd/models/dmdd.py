@@ -12,7 +12,7 @@ from dmdd.config import ModelConfig
 from dmdd.models.backbone import Backbone, build_backbone
 from dmdd.models.global_score import FeatureGaussian
 from dmdd.models.losses import cosine_distance
-from dmdd.models.regional import RegionalGaussian
+from dmdd.models.regional import RegionalGaussian, windows_of
 from dmdd.models.segmentation import SegmentationHead, gaussian_blur, pyramid_upsample, top_k_score
 from dmdd.models.student import DecoupledStudent, PyramidModelingNetwork
 from dmdd.models.support import ForegroundSupport
@@ -92,7 +92,7 @@ class DMDD(nn.Module):
         # Regional texture-statistics map (fitted by dmdd.evaluation.fit_teacher_gaussians; the engine resolves "auto").
         self.regional = None
         if cfg.regional_score != "off":
-            self.regional = RegionalGaussian(backbone.channels, bank=cfg.regional_bank)
+            self.regional = RegionalGaussian(backbone.channels, windows_of(cfg.regional_windows), bank=cfg.regional_bank)
         # Where the object can be (fitted by the engine from the training foregrounds; "auto" is resolved there).
         self.support = ForegroundSupport(cfg.image_size) if cfg.foreground_support == "on" else None
         self.train()
