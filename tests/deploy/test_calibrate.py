@@ -353,18 +353,18 @@ def test_choose_map_refuses_without_masks_or_training_data_and_on_the_msn(ckpt, 
         choose_map(DMDD(cfg.model), cfg, [], [], lambda c: None, torch.device("cpu"))
 
 
-def test_a_map_of_chosen_stages_exports_to_onnx_with_the_same_maps(ckpt, tiny_tree):
+def test_a_chosen_map_exports_to_onnx_with_the_same_maps(ckpt, tiny_tree):
     pytest.importorskip("onnxruntime")
     from dmdd.checkpoint import save_checkpoint
     from dmdd.deploy.export import export_onnx
 
-    assert main(["calibrate", str(ckpt), *labelled_args(tiny_tree), "--choose-stages"]) == 0
+    assert main(["calibrate", str(ckpt), *labelled_args(tiny_tree), "--choose-map"]) == 0
     stored = load_checkpoint(ckpt)
-    if stored["config"]["model"]["fused_stages"] is None:  # all stages kept: impose a subset to test its graph
-        stored["config"]["model"]["fused_stages"] = [1, 2, 3]
-        save_checkpoint(ckpt, stored)
+    # whatever was chosen, impose a subset of stages and the wider regional window to test their graph
+    stored["config"]["model"] |= {"fused_stages": [1, 2, 3], "regional_windows": [7, 9]}
+    save_checkpoint(ckpt, stored)
     model, payload = restore_model(ckpt)
-    assert model.fused is not None
+    assert model.fused is not None and model.regional.windows == {2: 7, 3: 9}
     report = export_onnx(model, ckpt.parent / "m.onnx", payload["thresholds"])  # raises when the maps differ
     assert report["max_abs_diff"] < 1e-4
 

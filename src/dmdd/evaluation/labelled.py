@@ -303,9 +303,10 @@ def calibrate_checkpoint(checkpoint: str | Path, normal_dir: str | Path | None, 
     unless ``dry_run``, store them in the checkpoint with their provenance (written atomically).
 
     With ``choose_map`` the labelled masks first choose the anomaly map: which stages' maps it adds up and, on
-    textures, the regional map's window (:mod:`dmdd.evaluation.stages`); the maps' statistics and training's good-image thresholds are refitted for
-    the chosen map on the run's held-out good training images (read from ``data_root``, default the checkpoint's),
-    and what they replace is kept in the checkpoint so that ``--reset`` restores it.
+    textures, the regional map's window (:mod:`dmdd.evaluation.stages`); the maps' statistics and training's
+    good-image thresholds are refitted for the chosen map on the run's held-out good training images (read from
+    ``data_root``, default the checkpoint's), and what they replace is kept in the checkpoint so that ``--reset``
+    restores it.
 
     Returns:
         ``{"thresholds", "warnings", "written", "describe"}``.
@@ -339,10 +340,9 @@ def calibrate_checkpoint(checkpoint: str | Path, normal_dir: str | Path | None, 
             raise DmddError("--choose-map needs masks of the defective images (--mask-dir DIR, one per reject by "
                             "file stem): the map is chosen by how well the defects' pixels are ranked")  # fmt: skip
         train, holdout = stages.training_split(cfg, data_root)
-        trained = (payload.get(BEFORE_STAGES) or {}).get("regional_windows")  # an earlier choice kept the trained
         cfg, p, stage_report = stages.choose_map(model, cfg, holdout, train,
                                                  lambda c: predict_split(model, records, c, device), device,
-                                                 tuple(trained) if trained else None)  # fmt: skip
+                                                 trained_windows(payload))  # fmt: skip
         base = calibrate(model, holdout, cfg, device)  # training's good-image thresholds, for the chosen map
     else:
         p = predict_split(model, records, cfg, device)
@@ -374,9 +374,20 @@ def calibrate_checkpoint(checkpoint: str | Path, normal_dir: str | Path | None, 
 BEFORE_STAGES = "before_stage_choice"
 
 
+def trained_windows(payload: dict[str, Any]) -> tuple[int, ...] | None:
+    """The regional windows the run trained with, where an earlier ``--choose-map`` changed them (``None``: the
+    checkpoint's are the trained ones)."""
+    from dmdd.config import ModelConfig
+
+    before = payload.get(BEFORE_STAGES)
+    if before is None:
+        return None
+    return tuple(before.get("regional_windows") or ModelConfig.regional_windows)  # absent: written before the option
+
+
 def _store_stage_choice(stored: dict[str, Any], model, cfg) -> None:
-    """Write the chosen stages and the refitted statistics into the checkpoint's payload, keeping what they replace
-    (the first time) for ``--reset``."""
+    """Write the chosen map (stages, regional windows) and the refitted statistics into the checkpoint's payload,
+    keeping the trained values of what they replace for ``--reset``."""
     changed = {name: buf.detach().cpu().clone() for name, buf in model.named_buffers()
                if name in stored["model"] and not _same_tensor(stored["model"][name], buf)}  # fmt: skip
     model_cfg = stored["config"]["model"]
