@@ -418,9 +418,9 @@ def reset_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     before = stored.pop(BEFORE_STAGES, None)
     if before is not None:
         stored["config"]["model"]["fused_stages"] = before["fused_stages"]
-        stored["config"]["model"].pop("regional_windows", None)  # written before the option: the default
-        if before.get("regional_windows") is not None:
-            stored["config"]["model"]["regional_windows"] = before["regional_windows"]
+        stored["config"]["model"]["regional_windows"] = before.get("regional_windows")
+        if stored["config"]["model"]["regional_windows"] is None:  # written before the option: the default
+            del stored["config"]["model"]["regional_windows"]
         stored["model"].update(before["buffers"])
         stored["thresholds"] = before["thresholds"]
         if (stored["thresholds"] or {}).get("mode") == "labelled":

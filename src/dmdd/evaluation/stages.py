@@ -82,14 +82,12 @@ def regional_refitter(model: DMDD, train: list[Record], cfg: Config,
 
     def refit(sides: tuple[int, ...]) -> None:
         nonlocal fitted_on
-        sides = tuple(sides)
         model.regional.windows = windows_of(sides)
         if sides in fits:
             model.regional.load_state_dict(fits[sides])
             return
         if fitted_on is None:  # with tiles, the Gaussians of tiles, as the model sees them
             fitted_on = preload_tiles(train, cfg) if cfg.model.tile else train
-        model.regional.gaussian_fitted.zero_()
         fit_teacher_gaussians(model, fitted_on, cfg, device, global_score=False)
         fits[sides] = state()
 

@@ -92,7 +92,8 @@ class DMDD(nn.Module):
         # Regional texture-statistics map (fitted by dmdd.evaluation.fit_teacher_gaussians; the engine resolves "auto").
         self.regional = None
         if cfg.regional_score != "off":
-            self.regional = RegionalGaussian(backbone.channels, windows_of(cfg.regional_windows), bank=cfg.regional_bank)
+            self.regional = RegionalGaussian(backbone.channels, windows_of(cfg.regional_windows),
+                                             bank=cfg.regional_bank)
         # Where the object can be (fitted by the engine from the training foregrounds; "auto" is resolved there).
         self.support = ForegroundSupport(cfg.image_size) if cfg.foreground_support == "on" else None
         self.train()

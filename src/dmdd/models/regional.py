@@ -20,18 +20,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dmdd.config import ModelConfig
 from dmdd.models.gaussian import ledoit_wolf, precision
 
 # The teacher stages (1-based) the map summarises, and the default window side at each, in that stage's cells: 7 x 8 px
 # at stage 2, 5 x 16 px at stage 3 (measured on magnetic_tile and tire by a probe, benchmarks/regional_probe.py at
 # commit f7f427b); the sides are ``model.regional_windows``.
 STAGES = (2, 3)
-WINDOWS = {2: 7, 3: 5}
 
 
 def windows_of(sides: tuple[int, ...]) -> dict[int, int]:
     """``model.regional_windows`` (one side per stage of ``STAGES``) -> {stage: side}."""
     return dict(zip(STAGES, sides, strict=True))
+
+
+WINDOWS = windows_of(ModelConfig.regional_windows)  # the default: {2: 7, 3: 5}
+
 # Bank windows compared at a time: the distances are a (batch, positions, chunk) matrix, 32 MiB at stage 2 for 256 px
 # and batch 8 instead of 128 MiB for the whole 4096-window bank. At 512 px and batch 8 the map's peak memory grew by
 # 344 MiB instead of 1083 MiB (Lite0's channels, one thread, on this project's CPU machine).
