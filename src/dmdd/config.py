@@ -284,8 +284,9 @@ class TrainConfig:
         epochs: number of epochs; each trains the student side, then the segmentation head. The training length
             when neither ``steps`` nor ``minutes`` is set.
         steps: total student optimiser steps (0: ``epochs`` x steps per epoch). The last epoch may be partial.
-        minutes: wall-clock budget (0: none). The total number of steps is fixed after the first epoch from its
-            measured speed (student and segmentation phases together) and stored, so a resumed run keeps it.
+        minutes: wall-clock budget (0: none) covering setup, training and the final calibration. The total number
+            of steps is re-planned from the measured speed after every epoch (student and segmentation phases
+            together) and, in a single process, after every step; the plan is stored, so a resumed run keeps it.
         lr_schedule: ``constant`` (paper: no schedule stated) or ``cosine`` decay to 0 over the total steps.
         warmup_steps: linear learning-rate warm-up of the student side over this many steps.
         ema_decay: exponential moving average of the student side's weights, used for the maps, statistics and
@@ -301,7 +302,7 @@ class TrainConfig:
             the average clear of a loss spike (docs/results.md, docs/deviations.md).
         spike_rollback: with ``ema_gate``, after this many gated steps in a row copy the average into the training
             weights and clear Adam's moments, so training continues from before the spike; 0 = off (paper: none).
-            Off by default: on a second tire seed it ended 0.9 AU-PRO below the gate alone (results §10).
+            Off by default: on a second tire seed it ended 0.9 AU-PRO below the gate alone (docs/deviations.md).
         step_log: write ``step_log.jsonl`` beside the checkpoint, one line per student step (losses, gradient norm,
             the largest RMS(g^2 / v_hat) of a tensor against Adam's second moments and which tensor, the batch's
             synthetic-anomaly area), to diagnose loss spikes; costs one pass over the gradients per step.
