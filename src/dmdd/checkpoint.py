@@ -95,7 +95,7 @@ def config_of(payload: dict[str, Any], path: str | Path = "checkpoint") -> Confi
         raw = {**raw, "model": {**raw["model"], "foreground_support": "off"}}
     train = raw.get("train") if isinstance(raw, dict) else None
     if isinstance(train, dict):  # written before these options existed: the last weights, no guards
-        raw = {**raw, "train": {"ema_decay": 0.0, "update_clip": False, "ema_gate": 0.0, **train}}
+        raw = {**raw, "train": {"ema_decay": 0.0, "update_clip": False, "ema_gate": 0.0, "spike_rollback": 0, **train}}
     try:
         return Config.from_dict(raw)
     except (ConfigError, TypeError) as exc:

@@ -405,13 +405,13 @@ def test_checkpoint_from_before_image_score_ema_and_global_score_keeps_its_score
     del payload["config"]["model"]["image_score"]  # as written before the options existed
     del payload["config"]["model"]["global_score"]
     payload["model"] = {k: v for k, v in payload["model"].items() if not k.startswith("global_score.")}
-    for key in ("ema_decay", "update_clip", "ema_gate"):
+    for key in ("ema_decay", "update_clip", "ema_gate", "spike_rollback"):
         del payload["config"]["train"][key]
     save_checkpoint(tmp_path / "old.pt", {k: v for k, v in payload.items() if not k.startswith("format")})
     old = restore_model(tmp_path / "old.pt")[0]
     assert old.cfg.image_score == "max" and old.cfg.global_score == "off" and old.global_score is None
     train = config_of(load_checkpoint(tmp_path / "old.pt")).train
-    assert (train.ema_decay, train.update_clip, train.ema_gate) == (0.0, False, 0.0)
+    assert (train.ema_decay, train.update_clip, train.ema_gate, train.spike_rollback) == (0.0, False, 0.0, 0)
 
 
 def test_checkpoint_with_a_global_score_over_all_stages_from_before_the_stage_choice_loads_as_written(
