@@ -418,9 +418,11 @@ def reset_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     before = stored.pop(BEFORE_STAGES, None)
     if before is not None:
         stored["config"]["model"]["fused_stages"] = before["fused_stages"]
-        stored["config"]["model"]["regional_windows"] = before.get("regional_windows")
-        if stored["config"]["model"]["regional_windows"] is None:  # written before the option: the default
-            del stored["config"]["model"]["regional_windows"]
+        windows = before.get("regional_windows")
+        if windows is None:  # written before the option: the default
+            stored["config"]["model"].pop("regional_windows", None)
+        else:
+            stored["config"]["model"]["regional_windows"] = windows
         stored["model"].update(before["buffers"])
         stored["thresholds"] = before["thresholds"]
         if (stored["thresholds"] or {}).get("mode") == "labelled":
